@@ -1,0 +1,71 @@
+"""Independent references for the tests: explicit unfolding and least squares in NumPy."""
+
+import itertools
+
+import numpy as np
+
+
+def same_pads(size, k, stride):
+    """lax's 'SAME' padding of one spatial dim (input already dilated)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def unfold(x, kernel_size, strides, padding, input_dilation, kernel_dilation):
+    """Patches of a channels-last N-D conv, by loops: (rows, prod(kernel) * C).
+
+    Columns are spatial offsets (row-major) outer and channels inner, the order of a
+    Flax kernel ``(*kernel_size, C, features)`` reshaped to ``(n, features)``.
+    """
+    x = np.asarray(x, np.float64)
+    batch, *spatial, channels = x.shape
+    rank = len(spatial)
+    dilated = [(s - 1) * d + 1 for s, d in zip(spatial, input_dilation, strict=True)]
+    xd = np.zeros((batch, *dilated, channels))
+    xd[(slice(None), *(slice(None, None, d) for d in input_dilation))] = x
+    k_eff = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
+    mode = 'constant'
+    if padding == 'SAME':
+        pads = [same_pads(dilated[i], k_eff[i], strides[i]) for i in range(rank)]
+    elif padding == 'VALID':
+        pads = [(0, 0)] * rank
+    elif padding in ('CIRCULAR', 'REFLECT'):
+        pads = [((k - 1) // 2, k // 2) for k in k_eff]
+        mode = {'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}[padding]
+    elif padding == 'CAUSAL':
+        pads = [(k_eff[0] - 1, 0)]
+    elif isinstance(padding, int):
+        pads = [(padding, padding)] * rank
+    else:
+        pads = [(p, p) if isinstance(p, int) else tuple(p) for p in padding]
+    xp = np.pad(xd, [(0, 0), *pads, (0, 0)], mode=mode)
+    out = [(xp.shape[1 + i] - k_eff[i]) // strides[i] + 1 for i in range(rank)]
+    rows = []
+    for b in range(batch):
+        for pos in itertools.product(*(range(o) for o in out)):
+            patch = []
+            for off in itertools.product(*(range(k) for k in kernel_size)):
+                idx = tuple(pos[i] * strides[i] + off[i] * kernel_dilation[i] for i in range(rank))
+                patch.extend(xp[(b, *idx)])
+            rows.append(patch)
+    return np.array(rows).reshape(len(rows), -1)
+
+
+def two_step_update(x, z, dz, kernel, bias, lam, eta=1e-2):
+    """TrAct's two steps solved by least squares, as an update direction.
+
+    1. proposal on activations: ``Z* = Z - eta * b * dL/dZ``;
+    2. ``K* = argmin ||Z* - X K - bias||² + lam * b * ||K - K0||²`` (np.linalg.lstsq
+       on the stacked system).
+
+    Returns ``(K0 - K*) / eta``, which TrAct's closed form must equal.
+    """
+    x, z, dz, kernel = (np.asarray(a, np.float64) for a in (x, z, dz, kernel))
+    b, n = x.shape
+    target = z - eta * b * dz - (0.0 if bias is None else np.asarray(bias, np.float64))
+    scale = np.sqrt(lam * b)
+    lhs = np.concatenate([x, scale * np.eye(n)])
+    rhs = np.concatenate([target, scale * kernel])
+    new_kernel, *_ = np.linalg.lstsq(lhs, rhs, rcond=None)
+    return (kernel - new_kernel) / eta

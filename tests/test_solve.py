@@ -1,0 +1,118 @@
+"""The TrAct update against independent solutions of TrAct's two steps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import two_step_update, unfold
+
+import tract_jax
+from tract_jax._src import statistics
+
+
+def _grads_and_stats(layer, x, target):
+    variables = layer.init(jax.random.key(1), x)
+
+    def loss_fn(params):
+        z, state = layer.apply({'params': params}, x, mutable=['tract'])
+        return jnp.mean(jnp.sin(z) * target), (z, state['tract'])
+
+    grads, (z, stats) = jax.grad(loss_fn, has_aux=True)(variables['params'])
+    dz = jax.grad(lambda z: jnp.mean(jnp.sin(z) * target))(z)
+    return variables['params'], grads, stats, z, dz
+
+
+@pytest.mark.parametrize('rows, n, lam', [(40, 6, 0.1), (5, 12, 0.1), (30, 30, 2.0), (3, 3, 1e-3)])
+def test_dense_update_is_two_step_least_squares(rows, n, lam, x64):
+    x = jax.random.normal(jax.random.key(0), (rows, n), jnp.float64) * 3 + 1
+    target = jax.random.normal(jax.random.key(2), (rows, 4), jnp.float64)
+    params, grads, stats, z, dz = _grads_and_stats(
+        tract_jax.Dense(4, param_dtype=jnp.float64), x, target
+    )
+    tx = tract_jax.tract(lam)
+    updates, _ = tx.update(grads, tx.init(params), tract_stats=stats)
+    expected = two_step_update(x, z, dz, params['kernel'], params['bias'], lam)
+    np.testing.assert_allclose(updates['kernel'], expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(updates['bias'], grads['bias'])
+
+
+@pytest.mark.parametrize(
+    'kernel_size, strides, padding, batch',
+    [((3, 3), (1, 1), 'SAME', 2), ((3, 3), (2, 2), 'CIRCULAR', 1), ((5, 5), (3, 3), 'VALID', 1)],
+)
+def test_conv_update_is_two_step_least_squares(kernel_size, strides, padding, batch, x64):
+    x = jax.random.uniform(jax.random.key(0), (batch, 9, 9, 3), jnp.float64)
+    layer = tract_jax.Conv(
+        4, kernel_size, strides=strides, padding=padding, param_dtype=jnp.float64
+    )
+    z_shape = jax.eval_shape(lambda: layer.apply(layer.init(jax.random.key(1), x), x)).shape
+    target = jax.random.normal(jax.random.key(2), z_shape, jnp.float64)
+    params, grads, stats, z, dz = _grads_and_stats(layer, x, target)
+    tx = tract_jax.tract(0.1)
+    updates, _ = tx.update(grads, tx.init(params), tract_stats=stats)
+    patches = unfold(x, kernel_size, strides, padding, (1, 1), (1, 1))
+    expected = two_step_update(
+        patches,
+        z.reshape(-1, 4),
+        dz.reshape(-1, 4),
+        params['kernel'].reshape(-1, 4),
+        params['bias'],
+        0.1,
+    )
+    np.testing.assert_allclose(updates['kernel'].reshape(-1, 4), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize('rows, n', [(3, 10), (9, 10), (1, 4)])
+def test_gram_and_woodbury_forms_agree(rows, n, x64):
+    x = jax.random.normal(jax.random.key(0), (rows, n), jnp.float64)
+    g = jax.random.normal(jax.random.key(1), (n, 3), jnp.float64)
+    woodbury = tract_jax.tract_solve(tract_jax.RowStatistic(x), g, 0.3)
+    gram = tract_jax.tract_solve(statistics.to_gram(tract_jax.RowStatistic(x)), g, 0.3)
+    np.testing.assert_allclose(woodbury, gram, rtol=1e-10, atol=1e-12)
+    direct = np.linalg.solve(np.asarray(x).T @ np.asarray(x) / rows + 0.3 * np.eye(n), g)
+    np.testing.assert_allclose(gram, direct, rtol=1e-10)
+
+
+@pytest.mark.parametrize('form', ['gram', 'rows'])
+def test_large_lambda_tends_to_the_plain_gradient(form, x64):
+    x = jax.random.normal(jax.random.key(0), (6 if form == 'rows' else 40, 8), jnp.float64)
+    stat = statistics.from_rows(x)
+    assert isinstance(stat, tract_jax.RowStatistic if form == 'rows' else tract_jax.GramStatistic)
+    g = jax.random.normal(jax.random.key(1), (8, 5), jnp.float64)
+    errors = [
+        float(jnp.max(jnp.abs(lam * tract_jax.tract_solve(stat, g, lam) - g)))
+        for lam in (1e1, 1e3, 1e5)
+    ]
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 1e-4
+    np.testing.assert_allclose(errors[1] / errors[2], 100, rtol=0.05)  # O(1/lam)
+
+
+def test_conv_kernel_shape_and_dtype_are_kept():
+    x = jax.random.normal(jax.random.key(0), (64, 27))
+    g = jax.random.normal(jax.random.key(1), (3, 3, 3, 16), jnp.bfloat16)
+    new = tract_jax.tract_solve(statistics.from_rows(x), g, 0.1)
+    assert new.shape == g.shape and new.dtype == jnp.bfloat16
+
+
+def test_update_of_a_jitted_chain_matches_the_formula():
+    x = jax.random.normal(jax.random.key(0), (32, 6))
+    layer = tract_jax.Dense(3)
+    params = layer.init(jax.random.key(1), x)['params']
+    tx = optax.chain(tract_jax.tract(0.2), optax.sgd(1.0))
+
+    @jax.jit
+    def step(params):
+        def loss_fn(p):
+            y, state = layer.apply({'params': p}, x, mutable=['tract'])
+            return jnp.mean(y**2), state['tract']
+
+        grads, stats = jax.grad(loss_fn, has_aux=True)(params)
+        updates, _ = tx.update(grads, tx.init(params), params, tract_stats=stats)
+        return updates, grads
+
+    updates, grads = step(params)
+    expected = -np.linalg.solve(x.T @ x / 32 + 0.2 * np.eye(6), grads['kernel'])
+    np.testing.assert_allclose(updates['kernel'], expected, rtol=2e-4, atol=1e-6)
+    np.testing.assert_allclose(updates['bias'], -grads['bias'])

@@ -1,0 +1,191 @@
+"""The ``tract`` Optax gradient transformation."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tract_jax._src import solve, statistics
+
+_HOW_TO_GET_STATS = (
+    "Run the model with the 'tract' collection mutable and pass it on:\n"
+    "    out, state = model.apply(variables, x, mutable=['tract'])\n"
+    '    updates, opt_state = tx.update(grads, opt_state, params, '
+    "tract_stats=state['tract'])"
+)
+
+
+class TractState(NamedTuple):
+    """State of :func:`tract`: the step count, for λ schedules."""
+
+    count: jax.Array
+
+
+def _key_name(key: Any) -> str:
+    for attr in ('key', 'name', 'idx'):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _path(keys: tuple[Any, ...]) -> tuple[str, ...]:
+    return tuple(_key_name(k) for k in keys)
+
+
+def _fmt(path: tuple[str, ...]) -> str:
+    return '/'.join(path) or '<root>'
+
+
+def _check_lam(lam: Any) -> None:
+    try:
+        value = float(lam)
+    except (TypeError, jax.errors.ConcretizationTypeError):
+        return  # traced (e.g. under optax.inject_hyperparams): checked by the caller
+    if not value > 0 or not math.isfinite(value):
+        raise ValueError(
+            f'tract_jax.tract: lam must be a finite number > 0, got {lam!r}. '
+            'It is the ridge term of the least-squares step (the paper uses 0.1); '
+            'as lam grows, TrAct tends to plain gradient descent scaled by 1/lam.'
+        )
+
+
+def _collect_statistics(tract_stats: Any) -> list[tuple[tuple[str, ...], statistics.Statistic]]:
+    """The (kernel path, statistic) pairs of a stats tree, with clear errors."""
+    if tract_stats is None:
+        raise ValueError(
+            'tract_jax.tract: update() needs the first-layer statistics as the keyword '
+            f'argument tract_stats, and got none. {_HOW_TO_GET_STATS}'
+        )
+    flat, _ = jax.tree_util.tree_flatten_with_path(tract_stats, is_leaf=statistics.is_statistic)
+    found = []
+    for keys, leaf in flat:
+        if not statistics.is_statistic(leaf):
+            raise TypeError(
+                f'tract_jax.tract: tract_stats holds a {type(leaf).__name__} at '
+                f"'{_fmt(_path(keys))}', which is not a TrAct statistic. Pass the 'tract' "
+                f'collection itself, as the model recorded it. {_HOW_TO_GET_STATS}'
+            )
+        found.append((_path(keys), leaf))
+    if not found:
+        raise ValueError(
+            'tract_jax.tract: tract_stats holds no statistics. Did the model use a '
+            "tract_jax layer (tract_jax.Dense / tract_jax.Conv), and was 'tract' mutable "
+            f'in that apply? {_HOW_TO_GET_STATS}'
+        )
+    return found
+
+
+def _check_kernel(path: tuple[str, ...], stat: statistics.Statistic, grad: Any) -> None:
+    n = statistics.fan_in(stat)
+    shape = getattr(grad, 'shape', None)
+    if shape is None or len(shape) < 2 or not jnp.issubdtype(grad.dtype, jnp.inexact):
+        raise ValueError(
+            f"tract_jax.tract: statistics were recorded for '{_fmt(path)}', but the gradient "
+            f'there is {type(grad).__name__} {shape}, not a kernel gradient of rank >= 2 '
+            'with a floating dtype.'
+        )
+    if math.prod(shape[:-1]) != n:
+        raise ValueError(
+            f"tract_jax.tract: the statistics for '{_fmt(path)}' are of fan-in {n}, but the "
+            f'kernel gradient there has shape {tuple(shape)} (fan-in '
+            f'{math.prod(shape[:-1])}). Were they recorded by another model or layer?'
+        )
+
+
+def tract(
+    lam: float | optax.ScalarOrSchedule = 0.1,
+    *,
+    axis_name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """TrAct: trains first-layer activations instead of first-layer weights.
+
+    Replaces the kernel gradient ``G`` (``n x features``) of every layer that recorded
+    statistics in the ``'tract'`` collection by ``(XᵀX / b + λI)⁻¹ G``, where ``X`` is
+    the layer's ``b x n`` unfolded input (through the ``b x b`` Woodbury form when
+    ``b < n``). This is the weight update that best reaches, in ridge least squares, a
+    gradient step taken on the layer's pre-activations. Every other leaf (biases, the
+    rest of the network) passes through unchanged, so chain it before any optimizer.
+
+    Args:
+      lam: the ridge term λ > 0, a float or an optax schedule of the step count.
+        The paper's 0.1 works across models for standardized inputs; as λ grows the
+        update tends to the plain gradient scaled by ``1/λ``.
+      axis_name: for ``shard_map``/``pmap``: the mapped axis over which per-device
+        statistics are reduced (Gram matrices and row counts summed, row matrices
+        gathered) so that the update is the global-batch one. Leave ``None`` under
+        ``jax.jit`` with sharded arrays: there the statistics already are global.
+
+    Returns:
+      An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes the
+      statistics as ``update(updates, state, params=None, *, tract_stats)``.
+
+    Raises:
+      ValueError: at construction if ``lam`` is not a finite number > 0; at trace
+        time if ``tract_stats`` is missing or empty, or does not fit the gradients.
+      TypeError: at trace time if ``tract_stats`` is not a tree of statistics.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, optax, tract_jax
+      >>> model = tract_jax.Conv(features=8, kernel_size=(3, 3))
+      >>> x = jnp.ones((2, 8, 8, 3))
+      >>> params = model.init(jax.random.key(0), x)['params']
+      >>> tx = optax.chain(tract_jax.tract(0.1), optax.adam(1e-3))
+      >>> opt_state = tx.init(params)
+      >>> def loss_fn(params):
+      ...     y, state = model.apply({'params': params}, x, mutable=['tract'])
+      ...     return jnp.mean(y ** 2), state['tract']
+      >>> grads, stats = jax.grad(loss_fn, has_aux=True)(params)
+      >>> updates, opt_state = tx.update(grads, opt_state, params, tract_stats=stats)
+
+    References:
+      Petersen, Borgelt, Ermon, `TrAct: Making First-layer Pre-Activations Trainable
+      <https://arxiv.org/abs/2410.23970>`_, NeurIPS 2024.
+    """
+    if not callable(lam):
+        _check_lam(lam)
+
+    def init_fn(params: optax.Params) -> TractState:
+        del params
+        return TractState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(
+        updates: optax.Updates,
+        state: TractState,
+        params: optax.Params | None = None,
+        *,
+        tract_stats: Any = None,
+        **extra_args: Any,
+    ) -> tuple[optax.Updates, TractState]:
+        del params, extra_args
+        found = _collect_statistics(tract_stats)
+        lam_now = lam(state.count) if callable(lam) else lam
+        _check_lam(lam_now)
+
+        flat, treedef = jax.tree_util.tree_flatten_with_path(
+            updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
+        )
+        index = {_path(keys): i for i, (keys, _) in enumerate(flat)}
+        leaves = [leaf for _, leaf in flat]
+        for path, stat in found:
+            i = index.get(path)
+            if i is None:
+                raise ValueError(
+                    f"tract_jax.tract: tract_stats has statistics for '{_fmt(path)}', but the "
+                    'gradients have no leaf at that path. Pass the tract collection itself '
+                    "(state['tract'], not the whole mutable state) and the gradients of the "
+                    f'same model. Gradient leaves: {", ".join(_fmt(p) for p in index)}.'
+                )
+            if isinstance(leaves[i], optax.MaskedNode):
+                continue  # masked out by optax.masked / multi_transform
+            _check_kernel(path, stat, leaves[i])
+            if axis_name is not None:
+                stat = statistics.all_reduce(stat, axis_name)
+            leaves[i] = solve.tract_solve(stat, leaves[i], lam_now)
+        new_state = TractState(count=optax.safe_int32_increment(state.count))
+        return jax.tree_util.tree_unflatten(treedef, leaves), new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
