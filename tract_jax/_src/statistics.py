@@ -11,13 +11,13 @@ those statistics; every front end (linen, NNX, interception) calls into it.
 
 from __future__ import annotations
 
-import math
+import itertools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.linear import canonicalize_padding
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -116,41 +116,50 @@ def conv_rows(
     input_dilation: int | Sequence[int] | None = 1,
     kernel_dilation: int | Sequence[int] | None = 1,
 ) -> jax.Array:
-    """Unfolded input of a convolution, one row per (image, output position).
+    """Unfolded input of a Flax convolution, one row per (image, output position).
 
     Columns are in the order of ``kernel.reshape(-1, features)`` for a Flax kernel of
     shape ``(*kernel_size, in_features, features)``: spatial offsets outer, channels
-    inner. Padding, strides and dilations are applied by Flax's own ``Conv`` (every
-    padding it accepts: ``'SAME'``, ``'VALID'``, ``'CIRCULAR'``, ``'REFLECT'``,
-    ``'CAUSAL'``, ints, pairs), run on a grouped identity kernel that copies each
-    patch into the output channels exactly.
+    inner. Padding follows ``flax.linen.Conv`` exactly (``'SAME'``, ``'VALID'``,
+    ``'CIRCULAR'``, ``'REFLECT'``, ``'CAUSAL'``, ints, pairs), as do strides, input
+    and kernel dilation and leading batch dims. Built from one strided slice of the
+    padded input per kernel offset: a copy, no arithmetic.
     """
     inputs = jax.lax.stop_gradient(jnp.asarray(inputs))
     dtype = statistic_dtype(inputs.dtype)
     kernel_size = _as_tuple(kernel_size, 1)
-    num_offsets = math.prod(kernel_size)
-    channels = inputs.shape[-1]
-    # Output channel c * num_offsets + j copies channel c at spatial offset j.
-    identity = jnp.eye(num_offsets, dtype=dtype).reshape(*kernel_size, 1, num_offsets)
-    identity = jnp.tile(identity, (1,) * len(kernel_size) + (1, channels))
-    unfold = nn.Conv(
-        features=channels * num_offsets,
-        kernel_size=kernel_size,
-        strides=strides,
-        padding=padding,
-        input_dilation=input_dilation,
-        kernel_dilation=kernel_dilation,
-        feature_group_count=channels,
-        use_bias=False,
-        dtype=dtype,
-        param_dtype=dtype,
-        precision=_HIGHEST,
-        parent=None,
+    rank = len(kernel_size)
+    strides, input_dilation, kernel_dilation = (
+        _as_tuple(v, rank) for v in (strides, input_dilation, kernel_dilation)
     )
-    patches = unfold.apply({'params': {'kernel': identity}}, inputs.astype(dtype))
-    # (…, channels, offsets) -> (…, offsets, channels): the kernel's flattening order.
-    patches = patches.reshape(-1, channels, num_offsets).swapaxes(1, 2)
-    return patches.reshape(-1, num_offsets * channels)
+    x = inputs.reshape((-1, *inputs.shape[-(rank + 1) :])).astype(dtype)
+    window = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
+
+    # Flax pads CIRCULAR/REFLECT/CAUSAL itself, then runs a VALID convolution.
+    pads = canonicalize_padding(padding, rank)
+    if pads in ('CIRCULAR', 'REFLECT'):
+        mode = {'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}[pads]
+        x = jnp.pad(x, [(0, 0), *(((w - 1) // 2, w // 2) for w in window), (0, 0)], mode=mode)
+        pads = 'VALID'
+    elif pads == 'CAUSAL':
+        if rank != 1:
+            raise ValueError('Causal padding is only implemented for 1D convolutions.')
+        x = jnp.pad(x, [(0, 0), (window[0] - 1, 0), (0, 0)])
+        pads = 'VALID'
+    if isinstance(pads, str):  # SAME / VALID, on the dilated input as lax does
+        dilated = [(s - 1) * d + 1 for s, d in zip(x.shape[1:-1], input_dilation, strict=True)]
+        pads = jax.lax.padtype_to_pads(dilated, window, strides, pads)
+    config = [(lo, hi, d - 1) for (lo, hi), d in zip(pads, input_dilation, strict=True)]
+    x = jax.lax.pad(x, jnp.zeros((), dtype), [(0, 0, 0), *config, (0, 0, 0)])
+
+    batch, *spatial, channels = x.shape
+    out = [(s - w) // st + 1 for s, w, st in zip(spatial, window, strides, strict=True)]
+    slices = []
+    for offset in itertools.product(*(range(k) for k in kernel_size)):
+        start = [o * d for o, d in zip(offset, kernel_dilation, strict=True)]
+        limit = [b + (o - 1) * st + 1 for b, o, st in zip(start, out, strides, strict=True)]
+        slices.append(jax.lax.slice(x, (0, *start, 0), (batch, *limit, channels), (1, *strides, 1)))
+    return jnp.stack(slices, axis=-2).reshape(-1, len(slices) * channels)
 
 
 def all_reduce(stat: Statistic, axis_name: str) -> Statistic:
