@@ -1,0 +1,219 @@
+"""TrAct's cost per training step, side by side with a plain step (and torch_tract).
+
+    python -m benchmarks.overhead                 # all models, CPU-sized batches here
+    python -m benchmarks.overhead --models resnet18_cifar --pairs 50
+
+For each model it compiles a plain jitted step (``optax.adam``) and a TrAct step
+(``chain(tract(0.1), adam)``), then times them *alternately* in one process after
+warm-up, many pairs, so both see the same machine state; the figure is the median of
+the per-pair ratios ``tract / plain`` with its interquartile range. It also reports
+the extra FLOPs and bytes from XLA's cost analysis and the extra temporary memory
+from its memory analysis of the compiled steps. Where torch and torch_tract are
+installed it times the same models in PyTorch, plain vs ``TrAct(first_layer)``.
+
+Writes ``benchmarks/results/overhead.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from examples import models, steps
+
+RESULTS = pathlib.Path(__file__).parent / 'results'
+
+# name: (model factory, image side, CPU batch, accelerator batch, classes)
+MODELS = {
+    'resnet18_cifar': (lambda: models.resnet18(10), 32, 32, 128, 10),
+    'vit_tiny4_cifar': (lambda: models.vit_tiny(4, 10), 32, 32, 128, 10),
+    'resnet50_imagenet': (lambda: models.resnet50(1000), 224, 4, 128, 1000),
+    'vit_s16_imagenet': (lambda: models.vit_small(16, 1000), 224, 8, 128, 1000),
+}
+
+
+def _analysis(compiled) -> dict[str, float]:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+    return {
+        'flops': float(cost.get('flops', np.nan)),
+        'bytes': float(cost.get('bytes accessed', np.nan)),
+        'temp_bytes': float(getattr(memory, 'temp_size_in_bytes', np.nan)),
+    }
+
+
+def _summary(plain: list[float], tract: list[float]) -> dict[str, Any]:
+    ratios = np.asarray(tract) / np.asarray(plain)
+    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+    return {
+        'plain_ms': 1e3 * float(np.median(plain)),
+        'tract_ms': 1e3 * float(np.median(tract)),
+        'overhead_pct': 100 * (med - 1),
+        'overhead_iqr_pct': [100 * (q1 - 1), 100 * (q3 - 1)],
+        'pairs': len(ratios),
+    }
+
+
+def bench_jax(name: str, batch: int, pairs: int, warmup: int) -> dict[str, Any]:
+    factory, side, _, _, classes = MODELS[name]
+    model = factory()
+    x = jax.random.normal(jax.random.key(0), (batch, side, side, 3))
+    y = jax.random.randint(jax.random.key(1), (batch,), 0, classes)
+    variables = model.init(jax.random.key(2), x[:1], train=False)
+    runs, analysis = {}, {}
+    for kind, lam in (('plain', None), ('tract', 0.1)):
+        tx = steps.make_optimizer(optax.adam(1e-3), lam)
+        step = steps.make_train_step(model, tx, use_tract=lam is not None)
+        params = jax.tree.map(jnp.copy, variables['params'])
+        state = [
+            params,
+            jax.tree.map(jnp.copy, variables.get('batch_stats', {})),
+            tx.init(params),
+        ]
+        compiled = step.lower(*state, x, y).compile()
+        analysis[kind] = _analysis(compiled)
+        runs[kind] = [compiled, state]
+
+    def run(kind):
+        compiled, state = runs[kind]
+        start = time.perf_counter()
+        *new_state, loss = compiled(*state, x, y)
+        jax.block_until_ready(loss)
+        runs[kind][1] = new_state
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        run('plain'), run('tract')
+    times = {'plain': [], 'tract': []}
+    for i in range(pairs):
+        order = ('plain', 'tract') if i % 2 == 0 else ('tract', 'plain')
+        for kind in order:
+            times[kind].append(run(kind))
+    result = _summary(times['plain'], times['tract'])
+    p, t = analysis['plain'], analysis['tract']
+    result.update(
+        batch=batch,
+        extra_flops_pct=100 * (t['flops'] / p['flops'] - 1),
+        extra_bytes_pct=100 * (t['bytes'] / p['bytes'] - 1),
+        plain_temp_mib=p['temp_bytes'] / 2**20,
+        extra_temp_mib=(t['temp_bytes'] - p['temp_bytes']) / 2**20,
+        extra_temp_pct=100 * (t['temp_bytes'] / p['temp_bytes'] - 1),
+    )
+    return result
+
+
+def bench_torch(name: str, batch: int, pairs: int, warmup: int) -> dict[str, Any] | None:
+    try:
+        import torch  # noqa: F401
+        import torch_tract  # noqa: F401
+    except ImportError:
+        return None
+    from benchmarks import torch_models
+
+    return torch_models.bench(name, batch, pairs, warmup, MODELS[name][1], MODELS[name][4])
+
+
+def _markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f'Measured {meta["date"]} on {meta["machine"]} ({meta["backend"]}), `{meta["command"]}`.',
+        '',
+        '| model | batch | plain ms | TrAct ms | overhead (IQR) | extra FLOPs | extra temp mem '
+        '| torch_tract overhead (IQR) |',
+        '|---|---|---|---|---|---|---|---|',
+    ]
+    for r in rows:
+        j = r['jax']
+        t = r.get('torch')
+        torch_cell = (
+            f'{t["overhead_pct"]:+.1f}% ({t["overhead_iqr_pct"][0]:+.1f}, '
+            f'{t["overhead_iqr_pct"][1]:+.1f})'
+            if t
+            else 'n/a'
+        )
+        lines.append(
+            f'| {r["model"]} | {j["batch"]} | {j["plain_ms"]:.1f} | {j["tract_ms"]:.1f} | '
+            f'{j["overhead_pct"]:+.2f}% ({j["overhead_iqr_pct"][0]:+.1f}, '
+            f'{j["overhead_iqr_pct"][1]:+.1f}) | {j["extra_flops_pct"]:+.2f}% | '
+            f'{j["extra_temp_mib"]:+.1f} MiB ({j["extra_temp_pct"]:+.1f}%) | {torch_cell} |'
+        )
+    return '\n'.join(lines) + '\n'
+
+
+def _plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    names = [r['model'] for r in rows]
+    pos = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for offset, key, label in ((-0.2, 'jax', 'tract_jax'), (0.2, 'torch', 'torch_tract')):
+        vals = [r[key]['overhead_pct'] if r.get(key) else np.nan for r in rows]
+        lo = [
+            r[key]['overhead_pct'] - r[key]['overhead_iqr_pct'][0] if r.get(key) else 0
+            for r in rows
+        ]
+        hi = [
+            r[key]['overhead_iqr_pct'][1] - r[key]['overhead_pct'] if r.get(key) else 0
+            for r in rows
+        ]
+        ax.bar(pos + offset, vals, 0.4, yerr=[lo, hi], label=label, capsize=3)
+    ax.axhline(0, color='black', lw=0.8)
+    ax.set_xticks(pos, names, rotation=15)
+    ax.set_ylabel('step-time overhead of TrAct [%]\n(median, IQR over pairs)')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--pairs', type=int, default=30)
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--batch', type=int, default=None, help='override every batch size')
+    parser.add_argument('--no-torch', action='store_true')
+    parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    backend = jax.default_backend()
+    rows = []
+    for name in args.models:
+        _, _, cpu_batch, acc_batch, _ = MODELS[name]
+        batch = args.batch or (cpu_batch if backend == 'cpu' else acc_batch)
+        row = {'model': name, 'jax': bench_jax(name, batch, args.pairs, args.warmup)}
+        if not args.no_torch:
+            row['torch'] = bench_torch(name, batch, args.pairs, args.warmup)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+
+    meta = {
+        'date': datetime.date.today().isoformat(),
+        'machine': f'{platform.machine()}, {jax.devices()[0].device_kind}, '
+        f'{jax.local_device_count()} device(s)',
+        'backend': backend,
+        'jax': jax.__version__,
+        'command': 'python -m benchmarks.overhead '
+        + ' '.join(argv if argv is not None else __import__('sys').argv[1:]),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / 'overhead.json').write_text(json.dumps({'meta': meta, 'rows': rows}, indent=2))
+    (args.out / 'overhead.md').write_text(_markdown(meta, rows))
+    _plot(rows, args.out / 'overhead.png')
+    print(_markdown(meta, rows))
+
+
+if __name__ == '__main__':
+    main()
