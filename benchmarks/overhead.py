@@ -115,13 +115,16 @@ def bench_jax(name: str, batch: int, pairs: int, warmup: int) -> dict[str, Any]:
 
 def bench_torch(name: str, batch: int, pairs: int, warmup: int) -> dict[str, Any] | None:
     try:
-        import torch  # noqa: F401
+        import torch
         import torch_tract  # noqa: F401
     except ImportError:
         return None
     from benchmarks import torch_models
 
-    return torch_models.bench(name, batch, pairs, warmup, MODELS[name][1], MODELS[name][4])
+    _, side, _, _, classes = MODELS[name]
+    result = _summary(*torch_models.bench(name, batch, pairs, warmup, side, classes))
+    result.update(torch=torch.__version__, threads=torch.get_num_threads())
+    return result
 
 
 def _markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:

@@ -8,7 +8,8 @@ here record what that needs; :func:`tract` applies it inside any Optax chain::
     tx = optax.chain(tract_jax.tract(0.1), optax.adam(1e-3))
 """
 
-from tract_jax._src.linen import COLLECTION, Conv, Dense
+from tract_jax import nnx
+from tract_jax._src.linen import COLLECTION, Conv, Dense, TrainState, capture
 from tract_jax._src.solve import tract_solve
 from tract_jax._src.statistics import GramStatistic, RowStatistic
 from tract_jax._src.transform import TractState, tract
@@ -22,6 +23,9 @@ __all__ = [
     'GramStatistic',
     'RowStatistic',
     'TractState',
+    'TrainState',
+    'capture',
+    'nnx',
     'tract',
     'tract_solve',
 ]

@@ -1,11 +1,15 @@
-"""Flax linen drop-ins that record TrAct statistics of their unfolded input."""
+"""Flax linen front end: drop-in layers, capture for models you cannot edit, TrainState."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Iterator
+from typing import Any
 
 import flax.linen as nn
 import jax
+import optax
+from flax.training import train_state
 
 from tract_jax._src import statistics
 
@@ -13,8 +17,21 @@ COLLECTION = 'tract'
 """The Flax collection the layers record into; the statistic sits at the kernel's path."""
 
 
-def record(module: nn.Module, make_rows: Callable[[], jax.Array]) -> None:
-    """Adds the statistic of ``make_rows()`` to ``module``'s entry in ``'tract'``.
+def _conv_statistic(layer: str, module: Any, inputs: jax.Array) -> statistics.Statistic:
+    """The statistic of a linen or NNX conv layer's input, from the layer's own fields."""
+    statistics.check_conv_options(layer, module.feature_group_count, module.mask)
+    return statistics.conv_statistic(
+        inputs,
+        module.kernel_size,
+        module.strides,
+        module.padding,
+        module.input_dilation,
+        module.kernel_dilation,
+    )
+
+
+def record(module: nn.Module, make_stat: Any) -> None:
+    """Adds ``make_stat()`` to ``module``'s entry in the ``'tract'`` collection.
 
     Records nothing while initializing or when ``'tract'`` is not mutable, so a model
     applied without ``mutable=['tract']`` does no extra work. A second call in the same
@@ -22,25 +39,10 @@ def record(module: nn.Module, make_rows: Callable[[], jax.Array]) -> None:
     """
     if module.is_initializing() or not module.is_mutable_collection(COLLECTION):
         return
-    stat = statistics.from_rows(make_rows())
+    stat = make_stat()
     if module.has_variable(COLLECTION, 'kernel'):
         stat = statistics.merge(module.get_variable(COLLECTION, 'kernel'), stat)
     module.put_variable(COLLECTION, 'kernel', stat)
-
-
-def check_conv_options(layer: str, feature_group_count: int, mask: object) -> None:
-    """Rejects conv options for which TrAct's update is not implemented."""
-    if feature_group_count != 1:
-        raise ValueError(
-            f'{layer}: feature_group_count={feature_group_count} (a grouped or depthwise '
-            'convolution) is not supported by TrAct, whose least-squares step is over the '
-            'full fan-in. Use the plain Flax layer for it, or feature_group_count=1.'
-        )
-    if mask is not None:
-        raise ValueError(
-            f'{layer}: a kernel mask is not supported by TrAct (the solve would move the '
-            'masked weights). Use the plain Flax layer for a masked convolution.'
-        )
 
 
 class Dense(nn.Dense):
@@ -63,7 +65,7 @@ class Dense(nn.Dense):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        record(self, lambda: statistics.dense_rows(inputs))
+        record(self, lambda: statistics.dense_statistic(inputs))
         return super().__call__(inputs)
 
 
@@ -93,16 +95,114 @@ class Conv(nn.Conv):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        check_conv_options('tract_jax.Conv', self.feature_group_count, self.mask)
-        record(
-            self,
-            lambda: statistics.conv_rows(
-                inputs,
-                self.kernel_size,
-                self.strides,
-                self.padding,
-                self.input_dilation,
-                self.kernel_dilation,
-            ),
-        )
+        statistics.check_conv_options('tract_jax.Conv', self.feature_group_count, self.mask)
+        record(self, lambda: _conv_statistic('tract_jax.Conv', self, inputs))
         return super().__call__(inputs)
+
+
+def _statistic_of(module: nn.Module, inputs: jax.Array) -> statistics.Statistic:
+    name = f"capture: layer '{'/'.join(module.path)}'"
+    if isinstance(module, nn.Conv):
+        return _conv_statistic(name, module, inputs)
+    if isinstance(module, nn.Dense):
+        return statistics.dense_statistic(inputs)
+    raise TypeError(
+        f'tract_jax.{name} is a {type(module).__name__}; TrAct applies to a '
+        'flax.linen.Dense or flax.linen.Conv (the first layer: a stem conv or patch embedding).'
+    )
+
+
+@contextlib.contextmanager
+def capture(*layers: str) -> Iterator[None]:
+    """Records TrAct statistics for layers of a linen model you cannot edit.
+
+    Inside the context, applying a model with ``mutable=['tract']`` records, for each
+    named ``flax.linen.Dense`` or ``flax.linen.Conv`` submodule, exactly what
+    :class:`tract_jax.Dense` / :class:`tract_jax.Conv` would record, at the same place
+    in the ``'tract'`` collection; so :func:`tract_jax.tract` works unchanged. Use it
+    around the ``apply`` (also inside a jitted function: it acts while tracing).
+
+    Args:
+      *layers: module paths of the layers, as in the params tree, with ``/`` between
+        nesting levels, e.g. ``'conv_init'``, ``'Embed_0'``, ``'backbone/stem'``.
+
+    Raises:
+      ValueError: on leaving the context, if a named layer was not called by any
+        ``apply`` inside it (a misspelt path); the message lists the Dense/Conv layers
+        that were called.
+      TypeError: if a named layer is neither a ``Dense`` nor a ``Conv``.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, tract_jax
+      >>> model = nn.Sequential([nn.Conv(8, (3, 3)), nn.relu])
+      >>> x = jnp.ones((2, 8, 8, 3))
+      >>> variables = model.init(jax.random.key(0), x)
+      >>> with tract_jax.capture('layers_0'):
+      ...     y, state = model.apply(variables, x, mutable=['tract'])
+      >>> state['tract']['layers_0']['kernel'].gram.shape
+      (27, 27)
+    """
+    targets = {tuple(layer.strip('/').split('/')) for layer in layers}
+    seen: set[tuple[str, ...]] = set()
+    candidates: set[str] = set()
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == '__call__' and module.scope is not None:
+            path = tuple(module.path)
+            if isinstance(module, (nn.Dense, nn.Conv)):
+                candidates.add('/'.join(path))
+            if path in targets and not isinstance(module, (Dense, Conv)):
+                seen.add(path)
+                inputs = args[0] if args else kwargs['inputs']
+                record(module, lambda: _statistic_of(module, inputs))
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        yield
+    missing = targets - seen
+    if missing:
+        raise ValueError(
+            f'tract_jax.capture: no layer {sorted("/".join(m) for m in missing)} was called '
+            'in this context. Name a Dense or Conv by its path in the params tree; the '
+            f'Dense/Conv layers called were: {sorted(candidates) or "none"}.'
+        )
+
+
+class TrainState(train_state.TrainState):
+    """``flax.training.train_state.TrainState`` whose update takes TrAct statistics.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, tract_jax
+      >>> model = tract_jax.Dense(2)
+      >>> x = jnp.ones((4, 3))
+      >>> state = tract_jax.TrainState.create(
+      ...     apply_fn=model.apply,
+      ...     params=model.init(jax.random.key(0), x)['params'],
+      ...     tx=optax.chain(tract_jax.tract(0.1), optax.sgd(0.1)),
+      ... )
+      >>> def loss_fn(params):
+      ...     y, s = state.apply_fn({'params': params}, x, mutable=['tract'])
+      ...     return jnp.mean(y**2), s['tract']
+      >>> grads, stats = jax.grad(loss_fn, has_aux=True)(state.params)
+      >>> state = state.apply_gradients(grads=grads, tract_stats=stats)
+      >>> int(state.step)
+      1
+    """
+
+    def apply_gradients(self, *, grads: Any, tract_stats: Any = None, **kwargs: Any):
+        """One optimizer step with ``tract_stats`` passed to ``tx.update``.
+
+        Args:
+          grads: gradients of the params.
+          tract_stats: the ``'tract'`` collection recorded in the forward pass.
+          **kwargs: other fields to replace, as in Flax's ``apply_gradients``.
+
+        Returns:
+          The state after the step, with ``step`` incremented.
+        """
+        updates, opt_state = self.tx.update(
+            grads, self.opt_state, self.params, tract_stats=tract_stats
+        )
+        params = optax.apply_updates(self.params, updates)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **kwargs)

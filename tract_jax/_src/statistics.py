@@ -162,6 +162,40 @@ def conv_rows(
     return jnp.stack(slices, axis=-2).reshape(-1, len(slices) * channels)
 
 
+def dense_statistic(inputs: jax.Array) -> Statistic:
+    """The statistic of a Dense layer's input (every input vector is a row)."""
+    return from_rows(dense_rows(inputs))
+
+
+def conv_statistic(
+    inputs: jax.Array,
+    kernel_size: int | Sequence[int],
+    strides: int | Sequence[int] | None = 1,
+    padding: Any = 'SAME',
+    input_dilation: int | Sequence[int] | None = 1,
+    kernel_dilation: int | Sequence[int] | None = 1,
+) -> Statistic:
+    """The statistic of a Flax convolution's unfolded input; see :func:`conv_rows`."""
+    return from_rows(
+        conv_rows(inputs, kernel_size, strides, padding, input_dilation, kernel_dilation)
+    )
+
+
+def check_conv_options(layer: str, feature_group_count: int, mask: object) -> None:
+    """Rejects conv options for which TrAct's update is not implemented."""
+    if feature_group_count != 1:
+        raise ValueError(
+            f'{layer}: feature_group_count={feature_group_count} (a grouped or depthwise '
+            'convolution) is not supported by TrAct, whose least-squares step is over the '
+            'full fan-in. Use the plain Flax layer for it, or feature_group_count=1.'
+        )
+    if mask is not None:
+        raise ValueError(
+            f'{layer}: a kernel mask is not supported by TrAct (the solve would move the '
+            'masked weights). Use the plain Flax layer for a masked convolution.'
+        )
+
+
 def all_reduce(stat: Statistic, axis_name: str) -> Statistic:
     """The statistic of the rows of every shard along ``axis_name`` (inside shard_map/pmap)."""
     if isinstance(stat, GramStatistic):

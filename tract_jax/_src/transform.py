@@ -33,7 +33,11 @@ def _key_name(key: Any) -> str:
 
 
 def _path(keys: tuple[Any, ...]) -> tuple[str, ...]:
-    return tuple(_key_name(k) for k in keys)
+    names = tuple(_key_name(k) for k in keys)
+    # An NNX Variable flattens to its `.value`: nnx.State gradients end in that key.
+    if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == 'value':
+        names = names[:-1]
+    return names
 
 
 def _fmt(path: tuple[str, ...]) -> str:

@@ -1,0 +1,169 @@
+"""Flax NNX front end: drop-in layers, an in-place converter, and popping statistics."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import jax
+from flax import nnx
+
+from tract_jax._src import statistics
+
+STAT_ATTRIBUTE = 'tract_stats'
+"""The attribute of a TrAct NNX layer that holds its statistic between steps."""
+
+
+class TractStatistics(nnx.Variable):
+    """NNX variable type of recorded TrAct statistics.
+
+    Select them with ``nnx.state(model, TractStatistics)``; ``nnx.Param`` filters, and
+    so ``nnx.grad`` and ``nnx.Optimizer(..., wrt=nnx.Param)``, never see them.
+    """
+
+
+def _record(module: nnx.Module, stat: statistics.Statistic) -> None:
+    previous = getattr(module, STAT_ATTRIBUTE, None)
+    if isinstance(previous, TractStatistics):
+        previous.set_value(statistics.merge(previous.get_value(), stat))
+    else:
+        setattr(module, STAT_ATTRIBUTE, TractStatistics(stat))
+
+
+class Linear(nnx.Linear):
+    """``flax.nnx.Linear`` that also records TrAct statistics of its input.
+
+    Same arguments, parameters and outputs as :class:`flax.nnx.Linear`, plus
+    ``deterministic``: while False (the default, and after ``model.train()``) every call
+    adds the statistic of its input to ``self.tract_stats``; after ``model.eval()``
+    nothing is recorded. Take the statistics each step with :func:`pop_stats`.
+
+    Example:
+      >>> import jax.numpy as jnp, tract_jax
+      >>> from flax import nnx
+      >>> layer = tract_jax.nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+      >>> y = layer(jnp.ones((8, 3)))
+      >>> tract_jax.nnx.pop_stats(layer)['kernel'].gram.shape
+      (3, 3)
+    """
+
+    def __init__(self, *args: Any, deterministic: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.deterministic = deterministic
+
+    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        if not self.deterministic:
+            _record(self, statistics.dense_statistic(inputs))
+        return super().__call__(inputs, *args, **kwargs)
+
+
+class Conv(nnx.Conv):
+    """``flax.nnx.Conv`` that also records TrAct statistics of its unfolded input.
+
+    Same arguments, parameters and outputs as :class:`flax.nnx.Conv` (every padding,
+    strides, dilations), plus ``deterministic`` as for :class:`Linear`.
+
+    Raises:
+      ValueError: for ``feature_group_count > 1`` or a ``mask``.
+
+    Example:
+      >>> import jax.numpy as jnp, tract_jax
+      >>> from flax import nnx
+      >>> layer = tract_jax.nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))
+      >>> y = layer(jnp.ones((2, 8, 8, 3)))
+      >>> tract_jax.nnx.pop_stats(layer)['kernel'].count
+      Array(128., dtype=float32)
+    """
+
+    def __init__(self, *args: Any, deterministic: bool = False, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        statistics.check_conv_options('tract_jax.nnx.Conv', self.feature_group_count, self.mask)
+        self.deterministic = deterministic
+
+    def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
+        if not self.deterministic:
+            _record(
+                self,
+                statistics.conv_statistic(
+                    inputs,
+                    self.kernel_size,
+                    self.strides,
+                    self.padding,
+                    self.input_dilation,
+                    self.kernel_dilation,
+                ),
+            )
+        return super().__call__(inputs, *args, **kwargs)
+
+
+Layer = TypeVar('Layer', nnx.Linear, nnx.Conv)
+
+
+def convert(layer: Layer) -> Layer:
+    """Turns an ``nnx.Linear`` or ``nnx.Conv`` into its TrAct layer, in place.
+
+    The layer keeps its parameters (the same ``nnx.Param`` objects), its outputs and
+    its place in the model; from now on it records statistics like
+    :class:`tract_jax.nnx.Linear` / :class:`tract_jax.nnx.Conv`. The counterpart of
+    ``model.conv1 = TrAct(model.conv1)`` in the PyTorch implementation.
+
+    Args:
+      layer: the first layer of a model, e.g. ``model.stem``.
+
+    Returns:
+      The same object, now of the TrAct class (returned for chaining).
+
+    Raises:
+      TypeError: if ``layer`` is neither an ``nnx.Linear`` nor an ``nnx.Conv``.
+      ValueError: for a grouped or masked convolution.
+
+    Example:
+      >>> import jax.numpy as jnp, tract_jax
+      >>> from flax import nnx
+      >>> stem = nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))
+      >>> _ = tract_jax.nnx.convert(stem)
+      >>> isinstance(stem, tract_jax.nnx.Conv)
+      True
+    """
+    if isinstance(layer, (Linear, Conv)):
+        return layer
+    if type(layer) is nnx.Linear:
+        layer.__class__ = Linear
+    elif type(layer) is nnx.Conv:
+        statistics.check_conv_options(
+            'tract_jax.nnx.convert', layer.feature_group_count, layer.mask
+        )
+        layer.__class__ = Conv
+    else:
+        raise TypeError(
+            f'tract_jax.nnx.convert: got a {type(layer).__name__}; TrAct applies to an '
+            'nnx.Linear or nnx.Conv (the first layer: a stem conv or patch embedding).'
+        )
+    layer.deterministic = False
+    return layer
+
+
+def pop_stats(model: nnx.Module) -> dict[str, Any]:
+    """Removes the recorded statistics from ``model`` and returns them for ``tract``.
+
+    Call it once per step, after the forward pass (e.g. after ``nnx.value_and_grad``)
+    and pass the result to ``optimizer.update(model, grads, tract_stats=...)``. The
+    returned tree puts each statistic at its layer's kernel path (``{'stem':
+    {'kernel': stat}}``), as the linen layers do, so it matches the gradients.
+
+    Args:
+      model: an NNX module containing TrAct layers.
+
+    Returns:
+      A nested dict of statistics; empty if nothing was recorded.
+    """
+    return _kernel_paths(nnx.to_pure_dict(nnx.pop(model, TractStatistics)))
+
+
+def _kernel_paths(tree: dict[Any, Any]) -> dict[Any, Any]:
+    """Moves each statistic from ``<layer>/tract_stats`` to ``<layer>/kernel``."""
+    return {
+        ('kernel' if key == STAT_ATTRIBUTE else key): (
+            value if statistics.is_statistic(value) else _kernel_paths(value)
+        )
+        for key, value in tree.items()
+    }
