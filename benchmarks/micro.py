@@ -51,11 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         params = layer.init(jax.random.key(1), x)
         conv = jax.jit(lambda p, x, layer=layer: layer.apply(p, x))
         unfold = jax.jit(lambda x, k=k, s=s, pad=pad: statistics.conv_rows(x, (k, k), s, pad))
-        stat_fn = jax.jit(
-            lambda x, k=k, s=s, pad=pad: statistics.from_rows(
-                statistics.conv_rows(x, (k, k), s, pad)
-            )
-        )
+        stat_fn = jax.jit(lambda x, k=k, s=s, pad=pad: statistics.conv_statistic(x, (k, k), s, pad))
         stat = stat_fn(x)
         grad = jnp.ones((k, k, c, m))
         solve = jax.jit(tract_jax.tract_solve)

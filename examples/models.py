@@ -148,3 +148,7 @@ def vit_tiny(patch: int = 4, num_classes: int = 10) -> ViT:
 
 def vit_small(patch: int = 16, num_classes: int = 1000) -> ViT:
     return ViT(patch=patch, dim=384, depth=12, heads=6, num_classes=num_classes)
+
+
+def vit_base(patch: int = 16, num_classes: int = 1000) -> ViT:
+    return ViT(patch=patch, dim=768, depth=12, heads=12, num_classes=num_classes)

@@ -180,3 +180,32 @@ def test_unsupported_conv_options_are_named(kwargs, words):
     layer = tract_jax.Conv(6, (3, 3), **kwargs)
     with pytest.raises(ValueError, match=words):
         layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))
+
+
+@pytest.mark.parametrize(
+    'padding, batch, budget_images',
+    [('SAME', 7, 2), ('CIRCULAR', 5, 3), ('REFLECT', 4, 1), ((2, 1), 6, 4), ('VALID', 9, 5)],
+)
+def test_chunked_statistic_equals_one_shot(padding, batch, budget_images, x64):
+    x = jax.random.normal(jax.random.key(0), (batch, 11, 10, 3), jnp.float64) + 2.0
+    args = ((3, 3), 2, padding)
+    one_shot = statistics.conv_statistic(x, *args, max_chunk_bytes=2**40)
+    per_image = statistics.conv_rows(x[:1], *args).nbytes
+    chunked = statistics.conv_statistic(x, *args, max_chunk_bytes=budget_images * per_image)
+    assert isinstance(chunked, tract_jax.GramStatistic)
+    np.testing.assert_allclose(chunked.gram, one_shot.gram, rtol=1e-12)
+    assert chunked.count == one_shot.count
+
+
+def test_chunking_bounds_the_memory_of_the_statistic():
+    """XLA's memory analysis: the chunked statistic never holds all patches at once."""
+    x = jax.ShapeDtypeStruct((32, 112, 112, 3), jnp.float32)
+    args = ((7, 7), 2, 3)
+    patches_bytes = 32 * 56 * 56 * 147 * 4  # 59 MiB if held at once
+
+    def temp_bytes(budget):
+        fn = jax.jit(lambda x: statistics.conv_statistic(x, *args, max_chunk_bytes=budget))
+        return fn.lower(x).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(2**40) >= patches_bytes
+    assert temp_bytes(patches_bytes // 8) < patches_bytes / 3

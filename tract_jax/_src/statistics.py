@@ -11,8 +11,9 @@ those statistics; every front end (linen, NNX, interception) calls into it.
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -20,6 +21,9 @@ import jax.numpy as jnp
 from flax.linen.linear import canonicalize_padding
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+MAX_CHUNK_BYTES = 64 * 2**20
+"""Largest unfolded-patch block a conv statistic materializes at once (64 MiB)."""
 
 
 class GramStatistic(NamedTuple):
@@ -162,9 +166,24 @@ def conv_rows(
     return jnp.stack(slices, axis=-2).reshape(-1, len(slices) * channels)
 
 
+def _global(fn: Callable[[jax.Array], Statistic], inputs: jax.Array) -> Statistic:
+    """``fn(inputs)``, replicated, also when ``inputs`` is sharded in explicit mode.
+
+    Under ``jax.jit`` with an explicitly sharded batch (the default axis type of
+    ``jax.make_mesh``) the reshapes and reductions over the batch need an output
+    sharding; there the statistic is computed in auto mode and comes out replicated,
+    the compiler summing the per-device parts.
+    """
+    mesh = getattr(jax.typeof(inputs).sharding, 'mesh', None)
+    if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
+        return fn(inputs)
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(fn, out_sharding=jax.sharding.PartitionSpec())(inputs)
+
+
 def dense_statistic(inputs: jax.Array) -> Statistic:
     """The statistic of a Dense layer's input (every input vector is a row)."""
-    return from_rows(dense_rows(inputs))
+    return _global(lambda x: from_rows(dense_rows(x)), jnp.asarray(inputs))
 
 
 def conv_statistic(
@@ -174,11 +193,55 @@ def conv_statistic(
     padding: Any = 'SAME',
     input_dilation: int | Sequence[int] | None = 1,
     kernel_dilation: int | Sequence[int] | None = 1,
+    *,
+    max_chunk_bytes: int | None = None,
 ) -> Statistic:
-    """The statistic of a Flax convolution's unfolded input; see :func:`conv_rows`."""
-    return from_rows(
-        conv_rows(inputs, kernel_size, strides, padding, input_dilation, kernel_dilation)
+    """The statistic of a Flax convolution's unfolded input; see :func:`conv_rows`.
+
+    When the unfolded patches of the whole batch would take more than
+    ``max_chunk_bytes`` (default :data:`MAX_CHUNK_BYTES`), the Gram matrix is summed
+    over chunks of images in a ``lax.scan``, so that only one chunk's patches exist
+    at a time; the result equals the one-shot computation up to summation order.
+    """
+    unfold = functools.partial(
+        conv_rows,
+        kernel_size=kernel_size,
+        strides=strides,
+        padding=padding,
+        input_dilation=input_dilation,
+        kernel_dilation=kernel_dilation,
     )
+    rank = len(_as_tuple(kernel_size, 1))
+    budget = MAX_CHUNK_BYTES if max_chunk_bytes is None else max_chunk_bytes
+    return _global(
+        functools.partial(_chunked_conv_statistic, unfold, rank, budget), jnp.asarray(inputs)
+    )
+
+
+def _chunked_conv_statistic(
+    unfold: Callable[[jax.Array], jax.Array], rank: int, budget: int, images: jax.Array
+) -> Statistic:
+    """The Gram statistic of ``unfold(images)``, summed over chunks within ``budget``."""
+    images = images.reshape((-1, *images.shape[-(rank + 1) :]))
+    per_image = jax.eval_shape(unfold, jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype))
+    (rows_per_image, n), itemsize = per_image.shape, per_image.dtype.itemsize
+    batch = images.shape[0]
+    chunk = max(1, budget // (rows_per_image * n * itemsize))
+    if batch * rows_per_image < n or chunk >= batch:
+        return from_rows(unfold(images))
+
+    # Zero images unfold to zero rows (every Flax padding keeps zeros zero), so the
+    # batch is padded to whole chunks and only the true rows are counted.
+    num_chunks = -(-batch // chunk)
+    images = jnp.pad(images, [(0, num_chunks * chunk - batch)] + [(0, 0)] * (rank + 1))
+    images = images.reshape(num_chunks, chunk, *images.shape[1:])
+
+    def add_chunk(gram, chunk_images):
+        rows = unfold(chunk_images)
+        return gram + jnp.matmul(rows.T, rows, precision=_HIGHEST), None
+
+    gram, _ = jax.lax.scan(add_chunk, jnp.zeros((n, n), per_image.dtype), images)
+    return GramStatistic(gram, jnp.asarray(batch * rows_per_image, per_image.dtype))
 
 
 def check_conv_options(layer: str, feature_group_count: int, mask: object) -> None:
@@ -197,7 +260,19 @@ def check_conv_options(layer: str, feature_group_count: int, mask: object) -> No
 
 
 def all_reduce(stat: Statistic, axis_name: str) -> Statistic:
-    """The statistic of the rows of every shard along ``axis_name`` (inside shard_map/pmap)."""
+    """The statistic of the rows of every shard along ``axis_name`` (inside shard_map/pmap).
+
+    Gram matrices and row counts are summed. Row matrices are gathered, in shard order,
+    by a sum of zero-padded blocks rather than ``all_gather``, so that the result is
+    the same on every shard (shard_map's replication check sees it as invariant);
+    rows are only kept when they are fewer than the fan-in, so this stays small. If
+    the gathered rows reach the fan-in, the Gram form is used from there on.
+    """
     if isinstance(stat, GramStatistic):
         return GramStatistic(*jax.lax.psum((stat.gram, stat.count), axis_name))
-    return from_rows(jax.lax.all_gather(stat.rows, axis_name, tiled=True))
+    rows = stat.rows
+    shards = jax.lax.psum(1, axis_name)
+    block = jax.lax.axis_index(axis_name) * rows.shape[0]
+    padded = jnp.zeros((shards * rows.shape[0], rows.shape[1]), rows.dtype)
+    padded = jax.lax.dynamic_update_slice(padded, rows, (block, jnp.zeros_like(block)))
+    return from_rows(jax.lax.psum(padded, axis_name))

@@ -1,0 +1,154 @@
+"""Run by tests/test_distributed.py in a subprocess with 8 simulated CPU devices.
+
+XLA_FLAGS must be set before jax is imported, so this is a script of its own. Each
+check compares a distributed TrAct update with the single-device update on the
+whole batch, in float64, and prints 'ok <name>'; any mismatch raises.
+"""
+
+import os
+
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+).strip()
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import tract_jax
+
+jax.config.update('jax_enable_x64', True)
+assert jax.device_count() == 8, jax.devices()
+
+
+class Net(nn.Module):
+    stem: str
+
+    @nn.compact
+    def __call__(self, x):
+        if self.stem == 'conv':
+            x = tract_jax.Conv(6, (3, 3), strides=2, param_dtype=jnp.float64, name='stem')(x)
+            x = nn.relu(x).mean(axis=(1, 2))
+        else:
+            x = nn.relu(tract_jax.Dense(6, param_dtype=jnp.float64, name='stem')(x))
+        return nn.Dense(4, param_dtype=jnp.float64, name='head')(x)
+
+
+def loss_and_stats(model, params, x, y):
+    logits, state = model.apply({'params': params}, x, mutable=['tract'])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, state['tract']
+
+
+def reference(model, params, x, y):
+    grads, stats = jax.grad(functools.partial(loss_and_stats, model), has_aux=True)(params, x, y)
+    tx = tract_jax.tract(0.1)
+    return tx.update(grads, tx.init(params), params, tract_stats=stats)[0]
+
+
+def check(name, got, want):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-13)
+    print('ok', name, flush=True)
+
+
+def problem(stem, batch):
+    rng = np.random.default_rng(0)
+    shape = (batch, 8, 8, 3) if stem == 'conv' else (batch, 20)
+    x = jnp.asarray(rng.normal(size=shape) * 2 + 0.5)
+    y = jnp.asarray(rng.integers(0, 4, batch))
+    model = Net(stem)
+    params = model.init(jax.random.key(0), x)['params']
+    return model, params, x, y
+
+
+def jit_over_mesh():
+    model, params, x, y = problem('conv', 16)
+    want = reference(model, params, x, y)
+    tx = tract_jax.tract(0.1)
+
+    @jax.jit
+    def update(params, x, y):
+        grads, stats = jax.grad(functools.partial(loss_and_stats, model), has_aux=True)(
+            params, x, y
+        )
+        return tx.update(grads, tx.init(params), params, tract_stats=stats)[0]
+
+    data = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+    xs = jax.device_put(x, NamedSharding(data, P('data')))
+    ys = jax.device_put(y, NamedSharding(data, P('data')))
+    check('jit, data mesh (8)', update(params, xs, ys), want)
+
+    mixed = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
+    xs = jax.device_put(x, NamedSharding(mixed, P('data')))
+    ys = jax.device_put(y, NamedSharding(mixed, P('data')))
+    shardings = {
+        'stem': jax.tree.map(lambda _: NamedSharding(mixed, P()), params['stem']),
+        'head': {
+            'kernel': NamedSharding(mixed, P(None, 'model')),
+            'bias': NamedSharding(mixed, P('model')),
+        },
+    }
+    check('jit, data x model mesh (4x2)', update(jax.device_put(params, shardings), xs, ys), want)
+
+
+def explicit_sharding():
+    """jax.make_mesh's default axis type: the recorded statistics are still global."""
+    for stem, batch in (('conv', 16), ('dense', 16), ('dense', 32)):
+        model, params, x, y = problem(stem, batch)
+        _, want = loss_and_stats(model, params, x, y)
+        mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
+        xs = jax.device_put(x, NamedSharding(mesh, P('data')))
+        with jax.sharding.set_mesh(mesh):
+            got = jax.jit(lambda p, x, m=model: m.apply({'params': p}, x, mutable=['tract'])[1])(
+                params, xs
+            )['tract']
+        check(f'explicit sharding, {stem} stem, batch {batch}: statistics', got, want)
+
+
+def shard_map_and_pmap(stem, batch):
+    model, params, x, y = problem(stem, batch)
+    want = reference(model, params, x, y)
+    tx = tract_jax.tract(0.1, axis_name='data')
+
+    def per_shard(reduce_grads, params, x, y):
+        grads, stats = jax.grad(functools.partial(loss_and_stats, model), has_aux=True)(
+            params, x, y
+        )
+        grads = reduce_grads(grads)  # the global-batch mean gradient, on every device
+        return tx.update(grads, tx.init(params), params, tract_stats=stats)[0]
+
+    # shard_map: the gradient of replicated params is summed over the axis already.
+    def shard_map_step(params, x, y):
+        return per_shard(lambda g: jax.tree.map(lambda a: a / 8, g), params, x, y)
+
+    # pmap: per-device gradients, averaged explicitly.
+    def pmap_step(params, x, y):
+        return per_shard(lambda g: jax.lax.pmean(g, 'data'), params, x, y)
+
+    mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+    sharded = jax.jit(
+        jax.shard_map(
+            shard_map_step, mesh=mesh, in_specs=(P(), P('data'), P('data')), out_specs=P()
+        )
+    )
+    check(f'shard_map, {stem} stem, {batch // 8} per device', sharded(params, x, y), want)
+
+    pmapped = jax.pmap(pmap_step, axis_name='data', in_axes=(None, 0, 0))
+    got = pmapped(params, x.reshape(8, -1, *x.shape[1:]), y.reshape(8, -1))
+    check(f'pmap, {stem} stem, {batch // 8} per device', jax.tree.map(lambda a: a[0], got), want)
+
+
+if __name__ == '__main__':
+    jit_over_mesh()
+    explicit_sharding()
+    shard_map_and_pmap('conv', 16)  # Gram statistics, summed
+    shard_map_and_pmap('dense', 16)  # 2 rows per device, 16 global < n = 20: rows gathered
+    shard_map_and_pmap('dense', 32)  # 4 rows per device < 20, 32 global >= 20: gathered -> Gram
+    print('all ok')
