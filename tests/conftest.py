@@ -10,5 +10,6 @@ def x64():
     jax.config.update('jax_enable_x64', False)
 
 
-# Needs torch; run by hand to regenerate the parity reference (see its docstring).
-collect_ignore = ['parity/make_reference.py']
+# make_reference.py needs torch (run by hand, see its docstring); multidevice_check.py
+# is a script run in a subprocess by test_distributed.py (importing it would set x64).
+collect_ignore = ['parity/make_reference.py', 'multidevice_check.py']

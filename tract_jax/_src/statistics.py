@@ -61,6 +61,11 @@ def statistic_dtype(dtype: Any) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def all_finite(stat: Statistic) -> jax.Array:
+    """Whether every entry of the statistic is finite (a traced boolean)."""
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(leaf)) for leaf in stat]))
+
+
 def fan_in(stat: Statistic) -> int:
     """``n``: the number of columns of the unfolded input."""
     return stat.rows.shape[1] if isinstance(stat, RowStatistic) else stat.gram.shape[0]
@@ -157,11 +162,13 @@ def conv_rows(
     x = jax.lax.pad(x, jnp.zeros((), dtype), [(0, 0, 0), *config, (0, 0, 0)])
 
     batch, *spatial, channels = x.shape
-    out = [(s - w) // st + 1 for s, w, st in zip(spatial, window, strides, strict=True)]
+    out = [max((s - w) // st + 1, 0) for s, w, st in zip(spatial, window, strides, strict=True)]
     slices = []
     for offset in itertools.product(*(range(k) for k in kernel_size)):
         start = [o * d for o, d in zip(offset, kernel_dilation, strict=True)]
-        limit = [b + (o - 1) * st + 1 for b, o, st in zip(start, out, strides, strict=True)]
+        limit = [
+            b + max(o - 1, 0) * st + (o > 0) for b, o, st in zip(start, out, strides, strict=True)
+        ]
         slices.append(jax.lax.slice(x, (0, *start, 0), (batch, *limit, channels), (1, *strides, 1)))
     return jnp.stack(slices, axis=-2).reshape(-1, len(slices) * channels)
 
@@ -226,8 +233,8 @@ def _chunked_conv_statistic(
     per_image = jax.eval_shape(unfold, jax.ShapeDtypeStruct((1, *images.shape[1:]), images.dtype))
     (rows_per_image, n), itemsize = per_image.shape, per_image.dtype.itemsize
     batch = images.shape[0]
-    chunk = max(1, budget // (rows_per_image * n * itemsize))
-    if batch * rows_per_image < n or chunk >= batch:
+    chunk = max(1, budget // max(rows_per_image * n * itemsize, 1))
+    if batch * rows_per_image < n or chunk >= batch:  # few rows, or within the budget
         return from_rows(unfold(images))
 
     # Zero images unfold to zero rows (every Flax padding keeps zeros zero), so the

@@ -20,9 +20,17 @@ _HOW_TO_GET_STATS = (
 
 
 class TractState(NamedTuple):
-    """State of :func:`tract`: the step count, for λ schedules."""
+    """State of :func:`tract`.
+
+    Attributes:
+      count: the number of steps taken, for λ schedules.
+      fallbacks: the number of steps on which some layer's TrAct update was not finite
+        although its gradient was (non-finite statistics, e.g. from an overflowing
+        pixel), so that layer's plain gradient was passed on instead.
+    """
 
     count: jax.Array
+    fallbacks: jax.Array
 
 
 def _key_name(key: Any) -> str:
@@ -154,7 +162,7 @@ def tract(
 
     def init_fn(params: optax.Params) -> TractState:
         del params
-        return TractState(count=jnp.zeros([], jnp.int32))
+        return TractState(count=jnp.zeros([], jnp.int32), fallbacks=jnp.zeros([], jnp.int32))
 
     def update_fn(
         updates: optax.Updates,
@@ -174,6 +182,7 @@ def tract(
         )
         index = {_path(keys): i for i, (keys, _) in enumerate(flat)}
         leaves = [leaf for _, leaf in flat]
+        fell_back = jnp.zeros([], bool)
         for path, stat in found:
             i = index.get(path)
             if i is None:
@@ -188,8 +197,16 @@ def tract(
             _check_kernel(path, stat, leaves[i])
             if axis_name is not None:
                 stat = statistics.all_reduce(stat, axis_name)
-            leaves[i] = solve.tract_solve(stat, leaves[i], lam_now)
-        new_state = TractState(count=optax.safe_int32_increment(state.count))
+            new = solve.tract_solve(stat, leaves[i], lam_now)
+            # Never let a bad batch's statistics poison the kernel: where the update is
+            # not finite, pass the plain gradient on (and count the step).
+            finite = jnp.all(jnp.isfinite(new)) & statistics.all_finite(stat)
+            fell_back |= ~finite & jnp.all(jnp.isfinite(leaves[i]))
+            leaves[i] = jnp.where(finite, new, leaves[i])
+        new_state = TractState(
+            count=optax.safe_int32_increment(state.count),
+            fallbacks=state.fallbacks + fell_back.astype(jnp.int32),
+        )
         return jax.tree_util.tree_unflatten(treedef, leaves), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
