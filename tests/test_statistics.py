@@ -65,7 +65,7 @@ def test_conv_statistic_is_gram_of_unfolded_patches(case, x64):
 @pytest.mark.parametrize('case', CONV_CASES[::3], ids=str)
 def test_conv_rows_equal_unfolded_patches(case, x64):
     x = jax.random.normal(jax.random.key(2), (1, *case[-1], 3), jnp.float64)
-    rows = statistics.conv_rows(x, *case[:-1])
+    rows = statistics.conv_rows(x, statistics.ConvGeometry(*case[:-1]))
     np.testing.assert_array_equal(rows, unfold(x, *case[:-1]))
 
 
@@ -188,7 +188,7 @@ def test_unsupported_conv_options_are_named(kwargs, words):
 )
 def test_chunked_statistic_equals_one_shot(padding, batch, budget_images, x64):
     x = jax.random.normal(jax.random.key(0), (batch, 11, 10, 3), jnp.float64) + 2.0
-    args = ((3, 3), 2, padding)
+    args = (statistics.ConvGeometry((3, 3), 2, padding),)
     one_shot = statistics.conv_statistic(x, *args, max_chunk_bytes=2**40)
     per_image = statistics.conv_rows(x[:1], *args).nbytes
     chunked = statistics.conv_statistic(x, *args, max_chunk_bytes=budget_images * per_image)
@@ -200,7 +200,7 @@ def test_chunked_statistic_equals_one_shot(padding, batch, budget_images, x64):
 def test_chunking_bounds_the_memory_of_the_statistic():
     """XLA's memory analysis: the chunked statistic never holds all patches at once."""
     x = jax.ShapeDtypeStruct((32, 112, 112, 3), jnp.float32)
-    args = ((7, 7), 2, 3)
+    args = (statistics.ConvGeometry((7, 7), 2, 3),)
     patches_bytes = 32 * 56 * 56 * 147 * 4  # 59 MiB if held at once
 
     def temp_bytes(budget):

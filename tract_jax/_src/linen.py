@@ -20,14 +20,7 @@ COLLECTION = 'tract'
 def _conv_statistic(layer: str, module: Any, inputs: jax.Array) -> statistics.Statistic:
     """The statistic of a linen or NNX conv layer's input, from the layer's own fields."""
     statistics.check_conv_options(layer, module.feature_group_count, module.mask)
-    return statistics.conv_statistic(
-        inputs,
-        module.kernel_size,
-        module.strides,
-        module.padding,
-        module.input_dilation,
-        module.kernel_dilation,
-    )
+    return statistics.conv_statistic(inputs, statistics.ConvGeometry.of(module))
 
 
 def record(module: nn.Module, make_stat: Any) -> None:

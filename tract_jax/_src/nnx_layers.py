@@ -81,17 +81,7 @@ class Conv(nnx.Conv):
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         if not self.deterministic:
-            _record(
-                self,
-                statistics.conv_statistic(
-                    inputs,
-                    self.kernel_size,
-                    self.strides,
-                    self.padding,
-                    self.input_dilation,
-                    self.kernel_dilation,
-                ),
-            )
+            _record(self, statistics.conv_statistic(inputs, statistics.ConvGeometry.of(self)))
         return super().__call__(inputs, *args, **kwargs)
 
 

@@ -117,14 +117,22 @@ def _as_tuple(value: int | Sequence[int] | None, rank: int) -> tuple[int, ...]:
     return tuple(value)
 
 
-def conv_rows(
-    inputs: jax.Array,
-    kernel_size: int | Sequence[int],
-    strides: int | Sequence[int] | None = 1,
-    padding: Any = 'SAME',
-    input_dilation: int | Sequence[int] | None = 1,
-    kernel_dilation: int | Sequence[int] | None = 1,
-) -> jax.Array:
+class ConvGeometry(NamedTuple):
+    """Where a Flax convolution reads its input: the fields of ``nn.Conv``/``nnx.Conv``."""
+
+    kernel_size: int | Sequence[int]
+    strides: int | Sequence[int] | None = 1
+    padding: Any = 'SAME'
+    input_dilation: int | Sequence[int] | None = 1
+    kernel_dilation: int | Sequence[int] | None = 1
+
+    @classmethod
+    def of(cls, layer: Any) -> ConvGeometry:
+        """The geometry of a linen or NNX conv layer."""
+        return cls(*(getattr(layer, field) for field in cls._fields))
+
+
+def conv_rows(inputs: jax.Array, geometry: ConvGeometry) -> jax.Array:
     """Unfolded input of a Flax convolution, one row per (image, output position).
 
     Columns are in the order of ``kernel.reshape(-1, features)`` for a Flax kernel of
@@ -136,16 +144,17 @@ def conv_rows(
     """
     inputs = jax.lax.stop_gradient(jnp.asarray(inputs))
     dtype = statistic_dtype(inputs.dtype)
-    kernel_size = _as_tuple(kernel_size, 1)
+    kernel_size = _as_tuple(geometry.kernel_size, 1)
     rank = len(kernel_size)
     strides, input_dilation, kernel_dilation = (
-        _as_tuple(v, rank) for v in (strides, input_dilation, kernel_dilation)
+        _as_tuple(v, rank)
+        for v in (geometry.strides, geometry.input_dilation, geometry.kernel_dilation)
     )
     x = inputs.reshape((-1, *inputs.shape[-(rank + 1) :])).astype(dtype)
     window = [(k - 1) * d + 1 for k, d in zip(kernel_size, kernel_dilation, strict=True)]
 
     # Flax pads CIRCULAR/REFLECT/CAUSAL itself, then runs a VALID convolution.
-    pads = canonicalize_padding(padding, rank)
+    pads = canonicalize_padding(geometry.padding, rank)
     if pads in ('CIRCULAR', 'REFLECT'):
         mode = {'CIRCULAR': 'wrap', 'REFLECT': 'reflect'}[pads]
         x = jnp.pad(x, [(0, 0), *(((w - 1) // 2, w // 2) for w in window), (0, 0)], mode=mode)
@@ -194,14 +203,7 @@ def dense_statistic(inputs: jax.Array) -> Statistic:
 
 
 def conv_statistic(
-    inputs: jax.Array,
-    kernel_size: int | Sequence[int],
-    strides: int | Sequence[int] | None = 1,
-    padding: Any = 'SAME',
-    input_dilation: int | Sequence[int] | None = 1,
-    kernel_dilation: int | Sequence[int] | None = 1,
-    *,
-    max_chunk_bytes: int | None = None,
+    inputs: jax.Array, geometry: ConvGeometry, *, max_chunk_bytes: int | None = None
 ) -> Statistic:
     """The statistic of a Flax convolution's unfolded input; see :func:`conv_rows`.
 
@@ -210,15 +212,8 @@ def conv_statistic(
     over chunks of images in a ``lax.scan``, so that only one chunk's patches exist
     at a time; the result equals the one-shot computation up to summation order.
     """
-    unfold = functools.partial(
-        conv_rows,
-        kernel_size=kernel_size,
-        strides=strides,
-        padding=padding,
-        input_dilation=input_dilation,
-        kernel_dilation=kernel_dilation,
-    )
-    rank = len(_as_tuple(kernel_size, 1))
+    unfold = functools.partial(conv_rows, geometry=geometry)
+    rank = len(_as_tuple(geometry.kernel_size, 1))
     budget = MAX_CHUNK_BYTES if max_chunk_bytes is None else max_chunk_bytes
     return _global(
         functools.partial(_chunked_conv_statistic, unfold, rank, budget), jnp.asarray(inputs)
