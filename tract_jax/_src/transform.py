@@ -186,11 +186,13 @@ def tract(
         for path, stat in found:
             i = index.get(path)
             if i is None:
+                shown = [_fmt(p) for p in index][:8]
+                more = f' and {len(index) - 8} more' if len(index) > 8 else ''
                 raise ValueError(
                     f"tract_jax.tract: tract_stats has statistics for '{_fmt(path)}', but the "
                     'gradients have no leaf at that path. Pass the tract collection itself '
                     "(state['tract'], not the whole mutable state) and the gradients of the "
-                    f'same model. Gradient leaves: {", ".join(_fmt(p) for p in index)}.'
+                    f'same model. Gradient leaves: {", ".join(shown)}{more}.'
                 )
             if isinstance(leaves[i], optax.MaskedNode):
                 continue  # masked out by optax.masked / multi_transform
