@@ -74,10 +74,7 @@ def fan_in(stat: Statistic) -> int:
 def from_rows(rows: jax.Array) -> Statistic:
     """The statistic of an unfolded input: ``X`` if it has fewer rows than columns."""
     num_rows, n = rows.shape
-    if num_rows < n:
-        return RowStatistic(rows)
-    gram = jnp.matmul(rows.T, rows, precision=_HIGHEST)
-    return GramStatistic(gram, jnp.asarray(num_rows, rows.dtype))
+    return RowStatistic(rows) if num_rows < n else to_gram(RowStatistic(rows))
 
 
 def to_gram(stat: Statistic) -> GramStatistic:
