@@ -15,6 +15,11 @@ import jax.numpy as jnp
 import tract_jax
 
 
+def _batch_norm(train: bool):
+    """BatchNorm in training (batch statistics) or evaluation (running averages) mode."""
+    return partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+
+
 class SmallCNN(nn.Module):
     """Two conv blocks and a linear head; for 8x8 to 32x32 images."""
 
@@ -23,7 +28,7 @@ class SmallCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+        norm = _batch_norm(train)
         x = tract_jax.Conv(self.width, (3, 3), use_bias=False, name='stem')(x)
         x = nn.relu(norm()(x))
         x = nn.max_pool(x, (2, 2), (2, 2))
@@ -39,7 +44,7 @@ class _BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+        norm = _batch_norm(train)
         y = nn.Conv(self.features, (3, 3), self.strides, use_bias=False)(x)
         y = nn.relu(norm()(y))
         y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
@@ -56,7 +61,7 @@ class _Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+        norm = _batch_norm(train)
         y = nn.relu(norm()(nn.Conv(self.features, (1, 1), use_bias=False)(x)))
         y = nn.Conv(self.features, (3, 3), self.strides, use_bias=False)(y)
         y = nn.relu(norm()(y))
@@ -82,7 +87,7 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+        norm = _batch_norm(train)
         if self.cifar_stem:
             x = tract_jax.Conv(self.width, (3, 3), 1, padding=1, use_bias=False, name='stem')(x)
         else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -17,13 +17,7 @@ COLLECTION = 'tract'
 """The Flax collection the layers record into; the statistic sits at the kernel's path."""
 
 
-def _conv_statistic(layer: str, module: Any, inputs: jax.Array) -> statistics.Statistic:
-    """The statistic of a linen or NNX conv layer's input, from the layer's own fields."""
-    statistics.check_conv_options(layer, module.feature_group_count, module.mask)
-    return statistics.conv_statistic(inputs, statistics.ConvGeometry.of(module))
-
-
-def record(module: nn.Module, make_stat: Any) -> None:
+def record(module: nn.Module, make_stat: Callable[[], statistics.Statistic]) -> None:
     """Adds ``make_stat()`` to ``module``'s entry in the ``'tract'`` collection.
 
     Records nothing while initializing or when ``'tract'`` is not mutable, so a model
@@ -89,14 +83,16 @@ class Conv(nn.Conv):
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         statistics.check_conv_options('tract_jax.Conv', self.feature_group_count, self.mask)
-        record(self, lambda: _conv_statistic('tract_jax.Conv', self, inputs))
+        geometry = statistics.ConvGeometry.of(self)
+        record(self, lambda: statistics.conv_statistic(inputs, geometry))
         return super().__call__(inputs)
 
 
 def _statistic_of(module: nn.Module, inputs: jax.Array) -> statistics.Statistic:
     name = f"capture: layer '{'/'.join(module.path)}'"
     if isinstance(module, nn.Conv):
-        return _conv_statistic(name, module, inputs)
+        statistics.check_conv_options(name, module.feature_group_count, module.mask)
+        return statistics.conv_statistic(inputs, statistics.ConvGeometry.of(module))
     if isinstance(module, nn.Dense):
         return statistics.dense_statistic(inputs)
     raise TypeError(
