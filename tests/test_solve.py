@@ -8,7 +8,7 @@ import pytest
 from helpers import two_step_update, unfold
 
 import tract_jax
-from tract_jax._src import statistics
+from tract_jax._src import solve, statistics
 
 
 def _grads_and_stats(layer, x, target):
@@ -116,3 +116,47 @@ def test_update_of_a_jitted_chain_matches_the_formula():
     expected = -np.linalg.solve(x.T @ x / 32 + 0.2 * np.eye(6), grads['kernel'])
     np.testing.assert_allclose(updates['kernel'], expected, rtol=2e-4, atol=1e-6)
     np.testing.assert_allclose(updates['bias'], -grads['bias'])
+
+
+def _spd(n, seed, dtype=jnp.float64):
+    """A Gram of correlated pixel-like rows plus a ridge: TrAct's kind of matrix."""
+    x = np.random.default_rng(seed).normal(size=(2 * n + 3, n)).cumsum(1)
+    return jnp.asarray(x.T @ x / len(x) + 0.1 * np.eye(n), dtype)
+
+
+@pytest.mark.parametrize('n', [1, 7, 64, 65, 147, 300])
+@pytest.mark.parametrize('branch', ['xla', 'native'])
+def test_cholesky_solve_branches_match_numpy(n, branch, x64):
+    # The CPU branch (recursive blocked Cholesky from XLA ops) and the GPU/TPU branch
+    # (LAPACK-style cho_solve), both run here, against numpy's LU solve.
+    a = _spd(n, seed=n)
+    rhs = jnp.asarray(np.random.default_rng(1).normal(size=(n, 5)))
+    fn = {'xla': solve._xla_cholesky_solve, 'native': solve._native_cholesky_solve}[branch]
+    expected = np.linalg.solve(a, rhs)
+    error = np.linalg.norm(jax.jit(fn)(a, rhs) - expected) / np.linalg.norm(expected)
+    assert error < 10 * np.linalg.cond(a) * np.finfo(np.float64).eps  # backward stable
+
+
+@pytest.mark.parametrize('n', [5, 64, 130])
+def test_inverse_cholesky_is_the_inverse_lower_factor(n, x64):
+    a = _spd(n, seed=3)
+    inverse = np.asarray(jax.jit(solve._inverse_cholesky)(a))
+    np.testing.assert_array_equal(inverse, np.tril(inverse))
+    np.testing.assert_allclose(inverse, np.linalg.inv(np.linalg.cholesky(a)), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize('n', [3, 100])
+def test_cholesky_breakdown_is_nan_not_a_wrong_solution(n):
+    a = _spd(n, seed=4, dtype=jnp.float32).at[n // 2, n // 2].set(-1.0)
+    assert np.isnan(jax.jit(solve._xla_cholesky_solve)(a, jnp.ones((n, 2)))).any()
+
+
+def test_cpu_step_calls_no_lapack():
+    # On CPU, jaxlib's LAPACK runs on OpenBLAS threads that contend with XLA's thread
+    # pool inside a training step (benchmarks/overhead.py measured +5% on ViT-S/16);
+    # the compiled solve must be XLA operations only.
+    stat = statistics.from_rows(jax.random.normal(jax.random.key(0), (200, 48)))
+    grad = jnp.ones((48, 8))
+    hlo = jax.jit(tract_jax.tract_solve).lower(stat, grad, 0.1).compile().as_text()
+    assert 'potrf' not in hlo and 'trsm' not in hlo
+    assert 'syevd' in hlo  # the eigendecomposition fallback, only run on breakdown
