@@ -1,16 +1,24 @@
 """Microbenchmark of TrAct's pieces alone: unfolding, the statistic, the solve.
 
-    python -m benchmarks.micro
+    python -m benchmarks.micro       # writes benchmarks/results/micro.md
 
 Times each jitted piece (median of many runs, after warm-up) for the first layers of
 the benchmark models, next to the first layer's own forward conv, so that a change
 to one piece can be judged in isolation. The whole-step figures that matter to users
 come from ``benchmarks/overhead.py``.
+
+The solve is timed twice more, as shipped (XLA operations on CPU) and through
+LAPACK (``cho_solve``, what GPU/TPU use), each *next to* an independent 1536x1536
+matmul in the same jitted function: the extra time over the matmul alone is what
+the solve costs when XLA runs other work of a training step beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import pathlib
+import platform
 import time
 
 import jax
@@ -18,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import tract_jax
-from tract_jax._src import statistics
+from tract_jax._src import solve, statistics
 
 # name: (batch, side, channels, kernel, stride, padding, features)
 LAYERS = {
@@ -42,9 +50,28 @@ def _time(fn, *args, runs: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--runs', type=int, default=30)
+    parser.add_argument(
+        '--out', type=pathlib.Path, default=pathlib.Path(__file__).parent / 'results'
+    )
     args = parser.parse_args(argv)
-    print('| layer | n | rows | conv fwd ms | unfold ms | unfold+Gram ms | solve ms |')
-    print('|---|---|---|---|---|---|---|')
+    lines = [
+        f'Measured {datetime.date.today().isoformat()} on {platform.machine()} '
+        f'({jax.default_backend()}, jax {jax.__version__}), `python -m benchmarks.micro`; '
+        'medians of jitted calls in ms.',
+        '',
+    ]
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    emit(
+        '| layer | n | rows | conv fwd ms | unfold ms | unfold+Gram ms | solve ms '
+        '| solve beside work ms | LAPACK solve ms | LAPACK solve beside work ms |'
+    )
+    emit('|---|---|---|---|---|---|---|---|---|---|')
+    work = jax.random.normal(jax.random.key(2), (1536, 1536))
+    matmul = jax.jit(lambda w: w @ w)
     for name, (batch, side, c, k, s, pad, m) in LAYERS.items():
         x = jax.random.normal(jax.random.key(0), (batch, side, side, c))
         layer = tract_jax.Conv(m, (k, k), s, padding=pad, use_bias=False)
@@ -55,13 +82,29 @@ def main(argv: list[str] | None = None) -> None:
         stat_fn = jax.jit(lambda x, g=geometry: statistics.conv_statistic(x, g))
         stat = stat_fn(x)
         grad = jnp.ones((k, k, c, m))
-        solve = jax.jit(tract_jax.tract_solve)
+        shipped = jax.jit(tract_jax.tract_solve)
+        matrix = stat.gram / stat.count + 0.1 * jnp.eye(k * k * c)
+        rhs = grad.reshape(k * k * c, m)
+        lapack = jax.jit(solve._native_cholesky_solve)
+
+        def beside(fn, *inputs):
+            both = jax.jit(lambda w, *a: (fn(*a), w @ w))
+            alone = _time(matmul, work, runs=args.runs)
+            return _time(both, work, *inputs, runs=args.runs) - alone
+
         rows = unfold(x).shape[0]
-        print(
-            f'| {name} | {k * k * c} | {rows} | {_time(conv, params, x, runs=args.runs):.2f} | '
-            f'{_time(unfold, x, runs=args.runs):.2f} | {_time(stat_fn, x, runs=args.runs):.2f} | '
-            f'{_time(solve, stat, grad, 0.1, runs=args.runs):.3f} |'
-        )
+        cells = [
+            _time(conv, params, x, runs=args.runs),
+            _time(unfold, x, runs=args.runs),
+            _time(stat_fn, x, runs=args.runs),
+            _time(shipped, stat, grad, 0.1, runs=args.runs),
+            beside(tract_jax.tract_solve, stat, grad, 0.1),
+            _time(lapack, matrix, rhs, runs=args.runs),
+            beside(solve._native_cholesky_solve, matrix, rhs),
+        ]
+        emit(f'| {name} | {k * k * c} | {rows} | ' + ' | '.join(f'{v:.2f}' for v in cells) + ' |')
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / 'micro.md').write_text('\n'.join(lines) + '\n')
 
 
 if __name__ == '__main__':
