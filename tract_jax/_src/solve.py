@@ -26,8 +26,6 @@ import jax.scipy.linalg as jsl
 from tract_jax._src import statistics
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
 _LEAF = 64  # the largest block the recursive Cholesky factors column by column
 
 
@@ -92,8 +90,8 @@ def _eigen_solve(moment: jax.Array, rhs: jax.Array, shift: jax.Array) -> jax.Arr
     has made it numerically indefinite (its eigenvalues are clipped at zero)."""
     eigenvalues, vectors = jnp.linalg.eigh(moment, symmetrize_input=True)
     scale = 1.0 / (jnp.maximum(eigenvalues, 0) + shift)
-    coefficients = jnp.matmul(vectors.T, rhs, precision=_HIGHEST) * scale[:, None]
-    return jnp.matmul(vectors, coefficients, precision=_HIGHEST)
+    coefficients = _matmul(vectors.T, rhs) * scale[:, None]
+    return _matmul(vectors, coefficients)
 
 
 def _robust_solve(moment: jax.Array, rhs: jax.Array, shift: jax.Array) -> jax.Array:
@@ -139,8 +137,8 @@ def tract_solve(
         g = grad.reshape(n, -1).astype(dtype)
         lam = jnp.asarray(lam, dtype)
         b = rows.shape[0]
-        outer = jnp.matmul(rows, rows.T, precision=_HIGHEST)
-        xg = jnp.matmul(rows, g, precision=_HIGHEST)
+        outer = _matmul(rows, rows.T)
+        xg = _matmul(rows, g)
         inner = _robust_solve(outer, xg, lam * b)
-        new = (g - jnp.matmul(rows.T, inner, precision=_HIGHEST)) / lam
+        new = (g - _matmul(rows.T, inner)) / lam
     return new.astype(out_dtype).reshape(shape)
