@@ -65,13 +65,18 @@ def _summary(plain: list[float], tract: list[float]) -> dict[str, Any]:
     }
 
 
-def bench_jax(name: str, batch: int, pairs: int, warmup: int) -> dict[str, Any]:
+def compile_steps(name: str, batch: int) -> tuple[dict[str, list[Any]], jax.Array, jax.Array]:
+    """The compiled plain and TrAct steps of a model, each with its initial state.
+
+    Returns ``({'plain': [compiled, state], 'tract': [compiled, state]}, x, y)``; a
+    step is run as ``compiled(*state, x, y)`` and returns the next state and the loss.
+    """
     factory, side, _, _, classes = MODELS[name]
     model = factory()
     x = jax.random.normal(jax.random.key(0), (batch, side, side, 3))
     y = jax.random.randint(jax.random.key(1), (batch,), 0, classes)
     variables = model.init(jax.random.key(2), x[:1], train=False)
-    runs, analysis = {}, {}
+    runs = {}
     for kind, lam in (('plain', None), ('tract', 0.1)):
         tx = steps.make_optimizer(optax.adam(1e-3), lam)
         step = steps.make_train_step(model, tx, use_tract=lam is not None)
@@ -81,25 +86,31 @@ def bench_jax(name: str, batch: int, pairs: int, warmup: int) -> dict[str, Any]:
             jax.tree.map(jnp.copy, variables.get('batch_stats', {})),
             tx.init(params),
         ]
-        compiled = step.lower(*state, x, y).compile()
-        analysis[kind] = _analysis(compiled)
-        runs[kind] = [compiled, state]
+        runs[kind] = [step.lower(*state, x, y).compile(), state]
+    return runs, x, y
 
-    def run(kind):
-        compiled, state = runs[kind]
-        start = time.perf_counter()
-        *new_state, loss = compiled(*state, x, y)
-        jax.block_until_ready(loss)
-        runs[kind][1] = new_state
-        return time.perf_counter() - start
+
+def run_step(run: list[Any], x: jax.Array, y: jax.Array) -> float:
+    """Runs one step of ``run = [compiled, state]``, keeps its new state; seconds taken."""
+    compiled, state = run
+    start = time.perf_counter()
+    *new_state, loss = compiled(*state, x, y)
+    jax.block_until_ready(loss)
+    run[1] = new_state
+    return time.perf_counter() - start
+
+
+def bench_jax(name: str, batch: int, pairs: int, warmup: int) -> dict[str, Any]:
+    runs, x, y = compile_steps(name, batch)
+    analysis = {kind: _analysis(compiled) for kind, (compiled, _) in runs.items()}
 
     for _ in range(warmup):
-        run('plain'), run('tract')
+        run_step(runs['plain'], x, y), run_step(runs['tract'], x, y)
     times = {'plain': [], 'tract': []}
     for i in range(pairs):
         order = ('plain', 'tract') if i % 2 == 0 else ('tract', 'plain')
         for kind in order:
-            times[kind].append(run(kind))
+            times[kind].append(run_step(runs[kind], x, y))
     result = _summary(times['plain'], times['tract'])
     p, t = analysis['plain'], analysis['tract']
     result.update(
