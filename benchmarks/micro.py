@@ -50,6 +50,7 @@ def _time(fn, *args, runs: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--runs', type=int, default=30)
+    parser.add_argument('--layers', nargs='+', default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument(
         '--out', type=pathlib.Path, default=pathlib.Path(__file__).parent / 'results'
     )
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
     emit('|---|---|---|---|---|---|---|---|---|---|')
     work = jax.random.normal(jax.random.key(2), (1536, 1536))
     matmul = jax.jit(lambda w: w @ w)
-    for name, (batch, side, c, k, s, pad, m) in LAYERS.items():
+    for name in args.layers:
+        batch, side, c, k, s, pad, m = LAYERS[name]
         x = jax.random.normal(jax.random.key(0), (batch, side, side, c))
         layer = tract_jax.Conv(m, (k, k), s, padding=pad, use_bias=False)
         params = layer.init(jax.random.key(1), x)
