@@ -160,3 +160,21 @@ def test_cpu_step_calls_no_lapack():
     hlo = jax.jit(tract_jax.tract_solve).lower(stat, grad, 0.1).compile().as_text()
     assert 'potrf' not in hlo and 'trsm' not in hlo
     assert 'syevd' in hlo  # the eigendecomposition fallback, only run on breakdown
+
+
+def test_solve_under_vmap_and_grad(x64):
+    # An ensemble of models (vmap) and meta-gradients through the update (grad w.r.t. λ)
+    # both go through the CPU solve's loops and its fallback cond.
+    x = jax.random.normal(jax.random.key(0), (3, 200, 100))
+    g = jax.random.normal(jax.random.key(1), (3, 100, 4))
+    stats = jax.vmap(statistics.from_rows)(x)
+    out = jax.jit(jax.vmap(lambda s, g: tract_jax.tract_solve(s, g, 0.1)))(stats, g)
+    eye = np.eye(100)
+    for xi, gi, oi in zip(x, g, out, strict=True):
+        np.testing.assert_allclose(oi, np.linalg.solve(xi.T @ xi / 200 + 0.1 * eye, gi), rtol=1e-10)
+
+    a = np.asarray(x[0].T @ x[0] / 200) + 0.1 * eye
+    d_lam = -np.linalg.solve(a, np.linalg.solve(a, g[0])).sum()  # d/dλ of sum((A+λI)⁻¹G)
+    stat = statistics.from_rows(x[0])
+    grad = jax.grad(lambda lam: tract_jax.tract_solve(stat, g[0], lam).sum())(0.1)
+    np.testing.assert_allclose(grad, d_lam, rtol=1e-10)
