@@ -20,6 +20,13 @@ def _batch_norm(train: bool):
     return partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
 
 
+def _residual(x, y, strides: int, norm):
+    """``relu(x + y)``, projecting ``x`` by a normalized 1x1 conv where shapes differ."""
+    if x.shape != y.shape:
+        x = norm()(nn.Conv(y.shape[-1], (1, 1), strides, use_bias=False)(x))
+    return nn.relu(x + y)
+
+
 class SmallCNN(nn.Module):
     """Two conv blocks and a linear head; for 8x8 to 32x32 images."""
 
@@ -49,10 +56,7 @@ class _BasicBlock(nn.Module):
         y = nn.relu(norm()(y))
         y = nn.Conv(self.features, (3, 3), use_bias=False)(y)
         y = norm(scale_init=nn.initializers.zeros)(y)
-        if x.shape != y.shape:
-            x = nn.Conv(self.features, (1, 1), self.strides, use_bias=False)(x)
-            x = norm()(x)
-        return nn.relu(x + y)
+        return _residual(x, y, self.strides, norm)
 
 
 class _Bottleneck(nn.Module):
@@ -67,10 +71,7 @@ class _Bottleneck(nn.Module):
         y = nn.relu(norm()(y))
         y = nn.Conv(4 * self.features, (1, 1), use_bias=False)(y)
         y = norm(scale_init=nn.initializers.zeros)(y)
-        if x.shape != y.shape:
-            x = nn.Conv(4 * self.features, (1, 1), self.strides, use_bias=False)(x)
-            x = norm()(x)
-        return nn.relu(x + y)
+        return _residual(x, y, self.strides, norm)
 
 
 class ResNet(nn.Module):
