@@ -88,6 +88,8 @@ def test_converter_keeps_weights_and_outputs():
     assert isinstance(model.conv_init, tract_jax.nnx.Conv)
     assert model.conv_init.kernel is kernel
     np.testing.assert_array_equal(model(jnp.asarray(X, jnp.float32)), before)
+    assert tract_jax.nnx.pop_stats(model) == {}  # a forward alone records nothing
+    nnx.grad(lambda m: _loss(m(jnp.asarray(X, jnp.float32))))(model)
     stats = tract_jax.nnx.pop_stats(model)
     assert stats['conv_init']['kernel'].count == 6 * 5 * 5
     linear = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
@@ -105,16 +107,16 @@ def test_converter_rejects_other_layers():
 def test_nnx_eval_mode_records_nothing_and_statistics_avoid_param_filters():
     model = NnxNet(tract_jax.nnx.Conv, jnp.float32, nnx.Rngs(0))
     x = jnp.asarray(X, jnp.float32)
-    model(x)
+    grad = nnx.grad(lambda m: _loss(m(x)) + _loss(m(x)))  # calls the stem twice
+    grad(model)
     assert nnx.state(model, tract_jax.nnx.TractStatistics)  # recorded
     assert 'tract_stats' not in nnx.to_pure_dict(nnx.state(model, nnx.Param))['conv_init']
-    model(x)  # a second call accumulates
     assert tract_jax.nnx.pop_stats(model)['conv_init']['kernel'].count == 2 * 6 * 25
     model.eval()
-    model(x)
+    grad(model)
     assert tract_jax.nnx.pop_stats(model) == {}
     model.train()
-    model(x)
+    nnx.grad(lambda m: _loss(m(x)))(model)
     assert tract_jax.nnx.pop_stats(model)['conv_init']['kernel'].count == 6 * 25
 
 

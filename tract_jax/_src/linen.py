@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
 import jax
 import optax
+from flax.linen import module as linen_module
 from flax.training import train_state
 
 from tract_jax._src import statistics
@@ -17,18 +19,46 @@ COLLECTION = 'tract'
 """The Flax collection the layers record into; the statistic sits at the kernel's path."""
 
 
-def record(module: nn.Module, make_stat: Callable[[], statistics.Statistic]) -> None:
-    """Adds ``make_stat()`` to ``module``'s entry in the ``'tract'`` collection.
+def _apply_root() -> object:
+    """The module that this ``apply`` (or ``bind``) runs: the bottom of linen's call stack.
 
-    Records nothing while initializing or when ``'tract'`` is not mutable, so a model
-    applied without ``mutable=['tract']`` does no extra work. A second call in the same
-    pass (a shared stem, two crops) accumulates into the first.
+    Flax binds a fresh clone of the model for every ``apply``, so this object marks one
+    pass. Unlike the layer's scope it is the same inside lifted transforms (``nn.remat``,
+    ``nn.scan``), whose inner scopes are new roots.
+    """
+    return next(m for m in linen_module._context.module_stack if m is not None)
+
+
+def _recorded_paths() -> set[tuple[str, ...]]:
+    """Paths of the layers that have recorded in the current ``apply`` so far."""
+    root = _apply_root()
+    key = id(root)
+    if key not in _RECORDED:
+        _RECORDED[key] = set()
+        weakref.finalize(root, _RECORDED.pop, key, None)
+    return _RECORDED[key]
+
+
+_RECORDED: dict[int, set[tuple[str, ...]]] = {}
+
+
+def record(module: nn.Module, make_stat: Callable[[], statistics.Statistic]) -> None:
+    """Stores ``make_stat()`` as ``module``'s entry in the ``'tract'`` collection.
+
+    A statistic belongs to the ``apply`` that records it. An entry that came in with the
+    variables (a loop that merges every mutated collection back into ``variables``) is
+    replaced, never added to; a second call of the same layer in the same ``apply`` (a
+    shared stem, two crops) accumulates into the first. Records nothing while
+    initializing or when ``'tract'`` is not mutable, so a model applied without
+    ``mutable=['tract']`` does no extra work.
     """
     if module.is_initializing() or not module.is_mutable_collection(COLLECTION):
         return
     stat = make_stat()
-    if module.has_variable(COLLECTION, 'kernel'):
+    recorded, path = _recorded_paths(), tuple(module.path)
+    if path in recorded and module.has_variable(COLLECTION, 'kernel'):
         stat = statistics.merge(module.get_variable(COLLECTION, 'kernel'), stat)
+    recorded.add(path)
     module.put_variable(COLLECTION, 'kernel', stat)
 
 
@@ -39,6 +69,11 @@ class Dense(nn.Dense):
     ``mutable=['tract']`` it records, at ``'tract'/<path>/'kernel'``, the Gram matrix of
     its input rows (every input vector, any number of leading dims) or the rows
     themselves when there are fewer rows than input features, for :func:`tract_jax.tract`.
+
+    A statistic belongs to the ``apply`` that records it: one that comes in with the
+    variables (a loop that merges every mutated collection back) is replaced, never
+    added to, while calls of the layer within one ``apply`` (a shared stem, two crops)
+    accumulate. Pass the collection of the ``apply`` inside your loss to ``tract``.
 
     Example:
       >>> import jax, jax.numpy as jnp, tract_jax
@@ -64,7 +99,8 @@ class Conv(nn.Conv):
     applied with ``mutable=['tract']`` it records, at ``'tract'/<path>/'kernel'``, the
     Gram matrix of its unfolded input (one row per image and output position, columns
     in the kernel's flattening order) with the row count, or the rows themselves when
-    there are fewer rows than ``prod(kernel_size) * in_features``.
+    there are fewer rows than ``prod(kernel_size) * in_features``. Statistics belong
+    to one ``apply``, as for :class:`Dense`.
 
     Raises:
       ValueError: for ``feature_group_count > 1`` or a ``mask``, which TrAct does not
@@ -108,8 +144,9 @@ def capture(*layers: str) -> Iterator[None]:
     Inside the context, applying a model with ``mutable=['tract']`` records, for each
     named ``flax.linen.Dense`` or ``flax.linen.Conv`` submodule, exactly what
     :class:`tract_jax.Dense` / :class:`tract_jax.Conv` would record, at the same place
-    in the ``'tract'`` collection; so :func:`tract_jax.tract` works unchanged. Use it
-    around the ``apply`` (also inside a jitted function: it acts while tracing).
+    in the ``'tract'`` collection, under the same rule (one ``apply``, one statistic);
+    so :func:`tract_jax.tract` works unchanged. Use it around the ``apply`` (also
+    inside a jitted function: it acts while tracing).
 
     Args:
       *layers: module paths of the layers, as in the params tree, with ``/`` between

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
 from flax import nnx
 
-from tract_jax._src import statistics
+from tract_jax._src import passes, statistics
 
 STAT_ATTRIBUTE = 'tract_stats'
 """The attribute of a TrAct NNX layer that holds its statistic between steps."""
@@ -21,27 +22,60 @@ class TractStatistics(nnx.Variable):
     """
 
 
-def _record(module: nnx.Module, stat: statistics.Statistic) -> None:
+def _record(module: nnx.Module, make_stat: Callable[[], statistics.Statistic]) -> None:
+    """Stores the statistic of this call on ``module``, if a gradient is being taken.
+
+    Outside a differentiated pass (an evaluation or logging forward, even in training
+    mode) nothing is recorded or computed. Inside one, a statistic left by another pass
+    (a gradient whose statistics were never popped) is replaced, never added to; a
+    second call in the same pass (a shared stem, two crops) accumulates.
+    """
+    if module.deterministic:
+        return
+    trace = passes.current_pass()
+    if trace is None:
+        return
+    stat = make_stat()
     previous = getattr(module, STAT_ATTRIBUTE, None)
-    if isinstance(previous, TractStatistics):
+    if isinstance(previous, TractStatistics) and _mark(previous).is_current(trace):
         previous.set_value(statistics.merge(previous.get_value(), stat))
     else:
-        setattr(module, STAT_ATTRIBUTE, TractStatistics(stat))
+        setattr(module, STAT_ATTRIBUTE, TractStatistics(stat, tract_pass=passes.PassMark(trace)))
+
+
+def _mark(variable: TractStatistics) -> passes.PassMark:
+    mark = variable.get_metadata().get('tract_pass')
+    if not isinstance(mark, passes.PassMark):
+        raise ValueError(
+            'tract_jax.nnx: a TractStatistics variable without the mark of the pass that '
+            'recorded it. Statistics are recorded by the TrAct layers only; do not create '
+            'or restore TractStatistics variables by hand.'
+        )
+    return mark
 
 
 class Linear(nnx.Linear):
     """``flax.nnx.Linear`` that also records TrAct statistics of its input.
 
     Same arguments, parameters and outputs as :class:`flax.nnx.Linear`, plus
-    ``deterministic``: while False (the default, and after ``model.train()``) every call
-    adds the statistic of its input to ``self.tract_stats``; after ``model.eval()``
-    nothing is recorded. Take the statistics each step with :func:`pop_stats`.
+    ``deterministic`` (set by ``model.eval()``/``model.train()``).
+
+    The statistic belongs to the pass it preconditions: the layer records only while a
+    gradient is being taken (inside ``nnx.grad``, ``nnx.value_and_grad``, ``jax.grad``,
+    also through ``nnx.remat`` and ``nnx.jit`` inside them) and not ``deterministic``.
+    Calls in one gradient computation accumulate (a shared stem, two crops); a new
+    gradient computation replaces what an earlier one left, so an evaluation or logging
+    forward between steps, or a gradient whose statistics were not popped, never
+    leaks into the next step. Take the statistics after the gradient with
+    :func:`pop_stats`.
 
     Example:
       >>> import jax.numpy as jnp, tract_jax
       >>> from flax import nnx
       >>> layer = tract_jax.nnx.Linear(3, 4, rngs=nnx.Rngs(0))
-      >>> y = layer(jnp.ones((8, 3)))
+      >>> x = jnp.ones((8, 3))
+      >>> y = layer(x)  # not differentiated: nothing recorded
+      >>> grads = nnx.grad(lambda layer: layer(x).sum())(layer)
       >>> tract_jax.nnx.pop_stats(layer)['kernel'].gram.shape
       (3, 3)
     """
@@ -51,8 +85,7 @@ class Linear(nnx.Linear):
         self.deterministic = deterministic
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        if not self.deterministic:
-            _record(self, statistics.dense_statistic(inputs))
+        _record(self, lambda: statistics.dense_statistic(inputs))
         return super().__call__(inputs, *args, **kwargs)
 
 
@@ -60,7 +93,8 @@ class Conv(nnx.Conv):
     """``flax.nnx.Conv`` that also records TrAct statistics of its unfolded input.
 
     Same arguments, parameters and outputs as :class:`flax.nnx.Conv` (every padding,
-    strides, dilations), plus ``deterministic`` as for :class:`Linear`.
+    strides, dilations), plus ``deterministic``; it records as :class:`Linear` does:
+    only while a gradient is being taken, one pass at a time.
 
     Raises:
       ValueError: for ``feature_group_count > 1`` or a ``mask``.
@@ -69,7 +103,8 @@ class Conv(nnx.Conv):
       >>> import jax.numpy as jnp, tract_jax
       >>> from flax import nnx
       >>> layer = tract_jax.nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))
-      >>> y = layer(jnp.ones((2, 8, 8, 3)))
+      >>> x = jnp.ones((2, 8, 8, 3))
+      >>> grads = nnx.grad(lambda layer: layer(x).sum())(layer)
       >>> tract_jax.nnx.pop_stats(layer)['kernel'].count
       Array(128., dtype=float32)
     """
@@ -80,8 +115,8 @@ class Conv(nnx.Conv):
         self.deterministic = deterministic
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        if not self.deterministic:
-            _record(self, statistics.conv_statistic(inputs, statistics.ConvGeometry.of(self)))
+        geometry = statistics.ConvGeometry.of(self)
+        _record(self, lambda: statistics.conv_statistic(inputs, geometry))
         return super().__call__(inputs, *args, **kwargs)
 
 
@@ -135,18 +170,34 @@ def convert(layer: Layer) -> Layer:
 def pop_stats(model: nnx.Module) -> dict[str, Any]:
     """Removes the recorded statistics from ``model`` and returns them for ``tract``.
 
-    Call it once per step, after the forward pass (e.g. after ``nnx.value_and_grad``)
-    and pass the result to ``optimizer.update(model, grads, tract_stats=...)``. The
-    returned tree puts each statistic at its layer's kernel path (``{'stem':
-    {'kernel': stat}}``), as the linen layers do, so it matches the gradients.
+    Call it right after the gradient computation whose update it is for (e.g. after
+    ``nnx.value_and_grad``) and pass the result to ``optimizer.update(model, grads,
+    tract_stats=...)``. The returned tree puts each statistic at its layer's kernel
+    path (``{'stem': {'kernel': stat}}``), as the linen layers do, so it matches the
+    gradients. What it returns was recorded in the most recent gradient computation
+    that called each layer, and only there: layers record nothing outside a gradient
+    computation, and a new one replaces what an earlier one left.
 
     Args:
       model: an NNX module containing TrAct layers.
 
     Returns:
       A nested dict of statistics; empty if nothing was recorded.
+
+    Raises:
+      ValueError: if the layers' statistics come from different gradient computations
+        (one layer was called in the last one, another only in an earlier one).
     """
-    return _kernel_paths(nnx.to_pure_dict(nnx.pop(model, TractStatistics)))
+    state = nnx.pop(model, TractStatistics)
+    serials = {_mark(v).serial for _, v in nnx.to_flat_state(state)}
+    if len(serials) > 1:
+        raise ValueError(
+            'tract_jax.nnx.pop_stats: the TrAct layers of this model hold statistics of '
+            f'{len(serials)} different gradient computations, so some are stale. Call '
+            'pop_stats right after each gradient computation, and call every TrAct layer '
+            'in the one whose update you take.'
+        )
+    return _kernel_paths(nnx.to_pure_dict(state))
 
 
 def _kernel_paths(tree: dict[Any, Any]) -> dict[Any, Any]:
