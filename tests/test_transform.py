@@ -163,3 +163,32 @@ def test_something_else_than_statistics():
     tx = tract_jax.tract()
     with pytest.raises(TypeError, match="ndarray at 'stem/kernel', which is not a TrAct statistic"):
         tx.update(grads, tx.init(PARAMS), tract_stats={'stem': {'kernel': np.eye(27)}})
+
+
+def test_traced_lambda_not_above_zero_passes_the_plain_gradient_and_is_counted():
+    grads, stats = _grads_and_stats()
+    tx = tract_jax.tract(optax.linear_schedule(0.1, -0.1, 2))  # λ = 0.1, 0, -0.1, -0.1
+    step = jax.jit(lambda state: tx.update(grads, state, tract_stats=stats))
+    updates, state = step(tx.init(PARAMS))
+    chex.assert_trees_all_close(updates['stem']['kernel'], _expected_stem(grads, stats, 0.1))
+    for fallbacks in (1, 2):
+        updates, state = step(state)
+        chex.assert_trees_all_equal(updates, grads)
+        assert int(state.fallbacks) == fallbacks
+
+    injected = optax.inject_hyperparams(tract_jax.tract)(lam=-0.5)
+    state = jax.jit(injected.init)(PARAMS)  # traced: no error here, as in a jitted init
+    updates, state = jax.jit(lambda s: injected.update(grads, s, tract_stats=stats))(state)
+    chex.assert_trees_all_equal(updates, grads)
+    assert int(state.inner_state.fallbacks) == 1
+
+
+def test_concrete_lambda_not_above_zero_raises():
+    grads, stats = _grads_and_stats()
+    for lam in (0.0, -0.1, float('nan'), float('inf')):
+        with pytest.raises(ValueError, match=r'tract_jax.tract: lam must be a finite number > 0'):
+            tract_jax.tract(lam)
+    tx = tract_jax.tract(optax.linear_schedule(0.1, 0.0, 1))
+    _, state = tx.update(grads, tx.init(PARAMS), tract_stats=stats)  # eager: λ is concrete
+    with pytest.raises(ValueError, match=r'got 0\.0\.'):
+        tx.update(grads, state, tract_stats=stats)

@@ -24,9 +24,10 @@ class TractState(NamedTuple):
 
     Attributes:
       count: the number of steps taken, for λ schedules.
-      fallbacks: the number of steps on which some layer's TrAct update was not finite
-        although its gradient was (non-finite statistics, e.g. from an overflowing
-        pixel), so that layer's plain gradient was passed on instead.
+      fallbacks: the number of steps on which some layer's plain gradient was passed on
+        instead of its TrAct update: the update was not finite although the gradient
+        was (non-finite statistics, e.g. from an overflowing pixel), or a traced λ
+        (a schedule, ``inject_hyperparams``) was not a finite number > 0.
     """
 
     count: jax.Array
@@ -59,7 +60,7 @@ def _check_lam(lam: Any) -> None:
         return  # traced (e.g. under optax.inject_hyperparams): checked by the caller
     if not value > 0 or not math.isfinite(value):
         raise ValueError(
-            f'tract_jax.tract: lam must be a finite number > 0, got {lam!r}. '
+            f'tract_jax.tract: lam must be a finite number > 0, got {value}. '
             'It is the ridge term of the least-squares step (the paper uses 0.1); '
             'as lam grows, TrAct tends to plain gradient descent scaled by 1/lam.'
         )
@@ -125,7 +126,10 @@ def tract(
     Args:
       lam: the ridge term λ > 0, a float or an optax schedule of the step count.
         The paper's 0.1 works across models for standardized inputs; as λ grows the
-        update tends to the plain gradient scaled by ``1/λ``.
+        update tends to the plain gradient scaled by ``1/λ``. A concrete λ ≤ 0 raises;
+        a traced one (a schedule under ``jit``, ``inject_hyperparams``) cannot, so on a
+        step where it is not a finite number > 0 the plain gradient is passed on and
+        :attr:`TractState.fallbacks` counts the step.
       axis_name: for ``shard_map``/``pmap``: the mapped axis over which per-device
         statistics are reduced (Gram matrices and row counts summed, row matrices
         gathered) so that the update is the global-batch one. Leave ``None`` under
@@ -176,6 +180,9 @@ def tract(
         found = _collect_statistics(tract_stats)
         lam_now = lam(state.count) if callable(lam) else lam
         _check_lam(lam_now)
+        # A traced λ (a schedule, inject_hyperparams) cannot be checked here: a step
+        # whose λ is not a finite number > 0 passes the plain gradients on, counted.
+        lam_ok = jnp.isfinite(lam_now) & (lam_now > 0)
 
         flat, treedef = jax.tree_util.tree_flatten_with_path(
             updates, is_leaf=lambda x: isinstance(x, optax.MaskedNode)
@@ -200,11 +207,11 @@ def tract(
             if axis_name is not None:
                 stat = statistics.all_reduce(stat, axis_name)
             new = solve.tract_solve(stat, leaves[i], lam_now)
-            # Never let a bad batch's statistics poison the kernel: where the update is
-            # not finite, pass the plain gradient on (and count the step).
-            finite = jnp.all(jnp.isfinite(new)) & statistics.all_finite(stat)
-            fell_back |= ~finite & jnp.all(jnp.isfinite(leaves[i]))
-            leaves[i] = jnp.where(finite, new, leaves[i])
+            # Never let a bad batch's statistics or a bad λ poison the kernel: where the
+            # update is not finite, pass the plain gradient on (and count the step).
+            ok = lam_ok & jnp.all(jnp.isfinite(new)) & statistics.all_finite(stat)
+            fell_back |= ~ok & jnp.all(jnp.isfinite(leaves[i]))
+            leaves[i] = jnp.where(ok, new, leaves[i])
         new_state = TractState(
             count=optax.safe_int32_increment(state.count),
             fallbacks=state.fallbacks + fell_back.astype(jnp.int32),
