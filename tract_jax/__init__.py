@@ -9,6 +9,7 @@ here record what that needs; :func:`tract` applies it inside any Optax chain::
 """
 
 from tract_jax import nnx
+from tract_jax._src.accumulation import MultiSteps, MultiStepsState, accumulate
 from tract_jax._src.linen import COLLECTION, Conv, Dense, TrainState, capture
 from tract_jax._src.solve import tract_solve
 from tract_jax._src.statistics import GramStatistic, RowStatistic
@@ -21,9 +22,12 @@ __all__ = [
     'Conv',
     'Dense',
     'GramStatistic',
+    'MultiSteps',
+    'MultiStepsState',
     'RowStatistic',
     'TractState',
     'TrainState',
+    'accumulate',
     'capture',
     'nnx',
     'tract',
