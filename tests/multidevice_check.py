@@ -145,7 +145,45 @@ def shard_map_and_pmap(stem, batch):
     check(f'pmap, {stem} stem, {batch // 8} per device', jax.tree.map(lambda a: a[0], got), want)
 
 
+def equinox_sharded_jit():
+    """Equinox: the statistic rides in the gradient, which a sharded jit reduces globally."""
+    import equinox as eqx
+
+    import tract_jax.equinox
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 3, 8, 8)) * 2 + 0.5)
+    y = jnp.asarray(rng.integers(0, 4, 16))
+    k1, k2 = jax.random.split(jax.random.key(0))
+    model = eqx.nn.Sequential(
+        [
+            eqx.nn.Conv2d(3, 6, 3, stride=2, dtype=jnp.float64, key=k1),
+            eqx.nn.Lambda(lambda h: jax.nn.relu(h).mean(axis=(1, 2))),
+            eqx.nn.Linear(6, 4, dtype=jnp.float64, key=k2),
+        ]
+    )
+    model = tract_jax.equinox.convert(model, lambda m: m.layers[0])
+    tx = tract_jax.tract(0.1)
+
+    @eqx.filter_jit
+    def update(model, x, y):
+        def loss_fn(model):
+            logits = jax.vmap(model)(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        grads, stats = tract_jax.equinox.split_stats(eqx.filter_grad(loss_fn)(model))
+        params = eqx.filter(model, eqx.is_array)
+        return tx.update(grads, tx.init(params), params, tract_stats=stats)[0]
+
+    want = update(model, x, y)
+    mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+    xs = jax.device_put(x, NamedSharding(mesh, P('data')))
+    ys = jax.device_put(y, NamedSharding(mesh, P('data')))
+    check('equinox, jit, data mesh (8)', update(model, xs, ys), want)
+
+
 if __name__ == '__main__':
+    equinox_sharded_jit()
     jit_over_mesh()
     explicit_sharding()
     shard_map_and_pmap('conv', 16)  # Gram statistics, summed

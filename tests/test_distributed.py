@@ -14,6 +14,7 @@ import pytest
 
 HERE = pathlib.Path(__file__).parent
 CHECKS = [
+    'equinox, jit, data mesh (8)',
     'jit, data mesh (8)',
     'jit, data x model mesh (4x2)',
     'explicit sharding, conv stem, batch 16: statistics',

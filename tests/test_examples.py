@@ -61,3 +61,10 @@ def test_cifar_reader_and_augmentation(tmp_path):
     assert tr.images.shape == (20, 32, 32, 3) and te.images.shape == (4, 32, 32, 3)
     out = train.augment(tr.images, np.random.default_rng(0))
     assert out.shape == tr.images.shape
+
+
+def test_plain_jax_example_trains_with_the_public_statistics_api():
+    from examples import plain_jax
+
+    result = plain_jax.main(['--steps', '150'])
+    assert result['last_loss'] < 0.5 * result['first_loss']

@@ -73,7 +73,7 @@ def _relative_error(stat, n, lam=0.1):
 )
 def test_ill_conditioned_statistics_stay_finite_and_accurate(name, images, bound):
     x = jnp.asarray(images, jnp.float32)
-    stat = statistics.conv_statistic(x, statistics.ConvGeometry((3, 3), 1, 'SAME'))
+    stat = statistics.geometry_statistic(x, statistics.ConvGeometry((3, 3), 1, 'SAME'))
     assert _relative_error(stat, 9 * x.shape[-1]) < bound, name
 
 
@@ -90,7 +90,7 @@ def test_float32_breakdown_gives_a_bounded_finite_update():
     rng = np.random.default_rng(0)
     smooth = np.cumsum(np.cumsum(rng.normal(size=(8, 256, 256, 3)), 1), 2)
     smooth = 255 * (smooth - smooth.min()) / (smooth.max() - smooth.min())
-    stat = statistics.conv_statistic(
+    stat = statistics.geometry_statistic(
         jnp.asarray(smooth, jnp.float32), statistics.ConvGeometry((16, 16), 16, 'VALID')
     )
     g = jnp.asarray(rng.normal(size=(768, 4)), jnp.float32)
@@ -107,7 +107,7 @@ def test_float32_breakdown_gives_a_bounded_finite_update():
 def test_non_finite_statistics_fall_back_to_the_plain_gradient_and_are_counted():
     grads = {'stem': {'kernel': jnp.ones((3, 3, 1, 4)), 'bias': jnp.ones(4)}}
     bad = tract_jax.GramStatistic(jnp.full((9, 9), jnp.inf), jnp.asarray(10.0))
-    good = statistics.conv_statistic(
+    good = statistics.geometry_statistic(
         jnp.asarray(DIGITS[:4], jnp.float32), statistics.ConvGeometry((3, 3))
     )
     tx = tract_jax.tract(0.1)

@@ -12,7 +12,13 @@ from tract_jax import nnx
 from tract_jax._src.accumulation import MultiSteps, MultiStepsState, accumulate
 from tract_jax._src.linen import COLLECTION, Conv, Dense, TrainState, capture
 from tract_jax._src.solve import tract_solve
-from tract_jax._src.statistics import GramStatistic, RowStatistic
+from tract_jax._src.statistics import (
+    GramStatistic,
+    Layout,
+    RowStatistic,
+    conv_statistic,
+    dense_statistic,
+)
 from tract_jax._src.transform import TractState, tract
 
 __version__ = '0.1.0'
@@ -22,6 +28,7 @@ __all__ = [
     'Conv',
     'Dense',
     'GramStatistic',
+    'Layout',
     'MultiSteps',
     'MultiStepsState',
     'RowStatistic',
@@ -29,6 +36,8 @@ __all__ = [
     'TrainState',
     'accumulate',
     'capture',
+    'conv_statistic',
+    'dense_statistic',
     'nnx',
     'tract',
     'tract_solve',

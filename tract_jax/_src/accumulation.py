@@ -38,7 +38,7 @@ def accumulate(*tract_stats: Any) -> Any:
       ValueError: if no tree is given, or the trees are not of the same layers, or a
         layer's fan-in differs between them.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, tract_jax
       >>> layer = tract_jax.Dense(4)
       >>> variables = layer.init(jax.random.key(0), jnp.ones((2, 3)))
@@ -69,8 +69,8 @@ def _sum(*stats: statistics.Statistic) -> statistics.GramStatistic:
 def _zeros_like(stat: Any) -> statistics.GramStatistic:
     """A zero Gram statistic of ``stat``'s fan-in and dtype (arrays or shapes)."""
     n = statistics.fan_in(stat)
-    dtype = statistics.statistic_dtype(stat[0].dtype)
-    return statistics.GramStatistic(jnp.zeros((n, n), dtype), jnp.zeros((), dtype))
+    dtype = statistics.statistic_dtype(statistics.dtype_of(stat))
+    return statistics.GramStatistic(jnp.zeros((n, n), dtype), jnp.zeros((), dtype), stat.layout)
 
 
 class MultiStepsState(NamedTuple):
@@ -110,7 +110,7 @@ class MultiSteps:
       accumulator_dtype: dtype of the accumulated gradients (statistics are summed in
         their own dtype, float32 or wider).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, tract_jax
       >>> model = tract_jax.Dense(2)
       >>> x = jnp.ones((4, 3))

@@ -75,7 +75,7 @@ class Dense(nn.Dense):
     added to, while calls of the layer within one ``apply`` (a shared stem, two crops)
     accumulate. Pass the collection of the ``apply`` inside your loss to ``tract``.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, tract_jax
       >>> layer = tract_jax.Dense(features=4)
       >>> x = jnp.ones((8, 3))
@@ -106,7 +106,7 @@ class Conv(nn.Conv):
       ValueError: for ``feature_group_count > 1`` or a ``mask``, which TrAct does not
         support.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, tract_jax
       >>> layer = tract_jax.Conv(features=16, kernel_size=(3, 3), use_bias=False)
       >>> x = jnp.ones((2, 32, 32, 3))
@@ -120,7 +120,7 @@ class Conv(nn.Conv):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         statistics.check_conv_options('tract_jax.Conv', self.feature_group_count, self.mask)
         geometry = statistics.ConvGeometry.of(self)
-        record(self, lambda: statistics.conv_statistic(inputs, geometry))
+        record(self, lambda: statistics.geometry_statistic(inputs, geometry))
         return super().__call__(inputs)
 
 
@@ -128,7 +128,7 @@ def _statistic_of(module: nn.Module, inputs: jax.Array) -> statistics.Statistic:
     name = f"capture: layer '{'/'.join(module.path)}'"
     if isinstance(module, nn.Conv):
         statistics.check_conv_options(name, module.feature_group_count, module.mask)
-        return statistics.conv_statistic(inputs, statistics.ConvGeometry.of(module))
+        return statistics.geometry_statistic(inputs, statistics.ConvGeometry.of(module))
     if isinstance(module, nn.Dense):
         return statistics.dense_statistic(inputs)
     raise TypeError(
@@ -158,7 +158,7 @@ def capture(*layers: str) -> Iterator[None]:
         that were called.
       TypeError: if a named layer is neither a ``Dense`` nor a ``Conv``.
 
-    Example:
+    Examples:
       >>> import flax.linen as nn, jax, jax.numpy as jnp, tract_jax
       >>> model = nn.Sequential([nn.Conv(8, (3, 3)), nn.relu])
       >>> x = jnp.ones((2, 8, 8, 3))
@@ -198,7 +198,7 @@ def capture(*layers: str) -> Iterator[None]:
 class TrainState(train_state.TrainState):
     """``flax.training.train_state.TrainState`` whose update takes TrAct statistics.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, optax, tract_jax
       >>> model = tract_jax.Dense(2)
       >>> x = jnp.ones((4, 3))
@@ -216,7 +216,7 @@ class TrainState(train_state.TrainState):
       1
     """
 
-    def apply_gradients(self, *, grads: Any, tract_stats: Any = None, **kwargs: Any):
+    def apply_gradients(self, *, grads: Any, tract_stats: Any = None, **kwargs: Any) -> TrainState:
         """One optimizer step with ``tract_stats`` passed to ``tx.update``.
 
         Args:

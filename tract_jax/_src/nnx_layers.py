@@ -69,7 +69,7 @@ class Linear(nnx.Linear):
     leaks into the next step. Take the statistics after the gradient with
     :func:`pop_stats`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, tract_jax
       >>> from flax import nnx
       >>> layer = tract_jax.nnx.Linear(3, 4, rngs=nnx.Rngs(0))
@@ -99,7 +99,7 @@ class Conv(nnx.Conv):
     Raises:
       ValueError: for ``feature_group_count > 1`` or a ``mask``.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, tract_jax
       >>> from flax import nnx
       >>> layer = tract_jax.nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))
@@ -116,7 +116,7 @@ class Conv(nnx.Conv):
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
         geometry = statistics.ConvGeometry.of(self)
-        _record(self, lambda: statistics.conv_statistic(inputs, geometry))
+        _record(self, lambda: statistics.geometry_statistic(inputs, geometry))
         return super().__call__(inputs, *args, **kwargs)
 
 
@@ -141,7 +141,7 @@ def convert(layer: Layer) -> Layer:
       TypeError: if ``layer`` is neither an ``nnx.Linear`` nor an ``nnx.Conv``.
       ValueError: for a grouped or masked convolution.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, tract_jax
       >>> from flax import nnx
       >>> stem = nnx.Conv(3, 8, (3, 3), rngs=nnx.Rngs(0))

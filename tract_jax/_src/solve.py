@@ -117,8 +117,10 @@ def tract_solve(
 
     Args:
       stat: the layer's statistic (``GramStatistic`` or ``RowStatistic``) of fan-in n.
-      grad: the kernel gradient, any shape whose leading dims multiply to n
-        (a Dense kernel ``(n, features)`` or a conv kernel ``(*window, in, features)``).
+      grad: the kernel gradient, in the statistic's layout: for ``'features_last'``
+        a Dense ``(n, features)`` or conv ``(*window, in, features)`` kernel, for
+        ``'features_first'`` a Linear ``(features, n)`` or conv
+        ``(features, in, *window)`` kernel.
       lam: the ridge λ > 0.
 
     Returns:
@@ -126,19 +128,16 @@ def tract_solve(
       the statistic or the gradient is.
     """
     shape, out_dtype = grad.shape, grad.dtype
-    n = statistics.fan_in(stat)
+    dtype = statistics.dtype_of(stat)
+    g = statistics.kernel_matrix(grad, stat.layout).astype(dtype)
     if isinstance(stat, statistics.GramStatistic):
-        dtype = stat.gram.dtype
-        g = grad.reshape(n, -1).astype(dtype)
         new = _robust_solve(stat.gram / stat.count, g, jnp.asarray(lam, dtype))
     else:
         rows = stat.rows
-        dtype = rows.dtype
-        g = grad.reshape(n, -1).astype(dtype)
         lam = jnp.asarray(lam, dtype)
         b = rows.shape[0]
         outer = _matmul(rows, rows.T)
         xg = _matmul(rows, g)
         inner = _robust_solve(outer, xg, lam * b)
         new = (g - _matmul(rows.T, inner)) / lam
-    return new.astype(out_dtype).reshape(shape)
+    return statistics.from_kernel_matrix(new.astype(out_dtype), shape, stat.layout)

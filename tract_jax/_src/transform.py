@@ -101,11 +101,18 @@ def _check_kernel(path: tuple[str, ...], stat: statistics.Statistic, grad: Any) 
             f'there is {type(grad).__name__} {shape}, not a kernel gradient of rank >= 2 '
             'with a floating dtype.'
         )
-    if math.prod(shape[:-1]) != n:
+    kernel_n = statistics.kernel_fan_in(shape, stat.layout)
+    if kernel_n != n:
+        other = next(lay for lay in statistics.LAYOUTS if lay != stat.layout)
+        hint = (
+            f' It would fit a {other} kernel: was the statistic made with the wrong layout?'
+            if statistics.kernel_fan_in(shape, other) == n
+            else ' Were they recorded by another model or layer?'
+        )
         raise ValueError(
-            f"tract_jax.tract: the statistics for '{_fmt(path)}' are of fan-in {n}, but the "
-            f'kernel gradient there has shape {tuple(shape)} (fan-in '
-            f'{math.prod(shape[:-1])}). Were they recorded by another model or layer?'
+            f"tract_jax.tract: the statistics for '{_fmt(path)}' are of fan-in {n} for a "
+            f'{stat.layout} kernel, but the kernel gradient there has shape {tuple(shape)} '
+            f'(fan-in {kernel_n} as {stat.layout}).{hint}'
         )
 
 
@@ -144,7 +151,7 @@ def tract(
         time if ``tract_stats`` is missing or empty, or does not fit the gradients.
       TypeError: at trace time if ``tract_stats`` is not a tree of statistics.
 
-    Example:
+    Examples:
       >>> import flax.linen as nn, jax, jax.numpy as jnp, optax, tract_jax
       >>> model = tract_jax.Conv(features=8, kernel_size=(3, 3))
       >>> x = jnp.ones((2, 8, 8, 3))
