@@ -85,3 +85,27 @@ def test_training_step_lowers_for_accelerators(make_step, platform):
     text = exported.mlir_module()
     assert 'cholesky' in text.lower() or 'potrf' in text.lower()  # the native solve
     assert 'callback' not in text.lower()
+
+
+@pytest.mark.parametrize('platform', ['cuda', 'tpu'])
+@pytest.mark.parametrize(
+    'shape',
+    [(2, 64, 64, 3), (2, 8, 20, 20, 3)],
+    ids=['correlated phases (conv)', 'short phases (matmuls)'],
+)
+def test_gram_by_shifts_lowers_with_float32_precision_everywhere(shape, platform):
+    """On TPU a default-precision product would round its inputs to bfloat16."""
+    from tract_jax._src import statistics
+
+    rank = len(shape) - 2
+    geometry = statistics.ConvGeometry((3, 7, 7)[-rank:], (1, 2, 2)[-rank:], (1, 3, 3)[-rank:])
+    fn = jax.jit(lambda x: statistics.geometry_statistic(x, geometry, method='shifts').gram)
+    text = jax.export.export(fn, platforms=[platform])(jax.ShapeDtypeStruct(shape, jnp.float32))
+    text = text.mlir_module()
+    products = [
+        line
+        for line in text.splitlines()
+        if 'stablehlo.dot_general' in line or 'convolution' in line
+    ]
+    assert products
+    assert all('HIGHEST' in line for line in products), products

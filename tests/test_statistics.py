@@ -62,6 +62,50 @@ def test_conv_statistic_is_gram_of_unfolded_patches(case, x64):
     np.testing.assert_allclose(y.reshape(-1, features), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('method', ['patches', 'shifts'])
+@pytest.mark.parametrize('case', CONV_CASES, ids=str)
+def test_every_gram_formulation_is_the_gram_of_unfolded_patches(case, method, x64):
+    x = jax.random.normal(jax.random.key(3), (5, *case[-1], 2), jnp.float64) + 0.5
+    stat = statistics.geometry_statistic(x, statistics.ConvGeometry(*case[:-1]), method=method)
+    patches = unfold(x, *case[:-1])
+    if patches.shape[0] < patches.shape[1]:
+        np.testing.assert_array_equal(stat.rows, patches)
+    else:
+        np.testing.assert_allclose(stat.gram, patches.T @ patches, rtol=1e-12, atol=1e-12)
+        assert stat.count == patches.shape[0]
+
+
+@pytest.mark.parametrize(
+    ('kernel', 'strides', 'dilation', 'side', 'picks'),
+    [
+        ((7, 7), 2, 1, 224, 'shifts'),  # a ResNet stem: windows overlap
+        ((3, 3), 1, 1, 224, 'shifts'),
+        ((3, 3), 1, 1, 32, 'patches'),  # small images: the patches' one matmul is faster
+        ((3, 7, 7), (1, 2, 2), 1, 64, 'shifts'),  # a video stem
+        ((16, 16), 16, 1, 224, 'patches'),  # a patch embedding: no overlap, nothing shared
+        ((4, 4), 4, 1, 224, 'patches'),
+        ((2, 3), 3, 2, 224, 'patches'),  # (2 - 1) * 2 < 3: no overlap along the first axis
+    ],
+)
+def test_auto_picks_shifts_where_windows_overlap(kernel, strides, dilation, side, picks):
+    geometry = statistics.ConvGeometry(kernel, strides, 'SAME', 1, dilation)
+    shape = (4, *([side] * len(kernel)), 3)
+    assert statistics.chosen_method(shape, geometry) == picks
+
+
+def test_gram_by_shifts_counts_fewer_multiply_adds_in_the_compiled_statistic():
+    """XLA's cost analysis of the compiled statistic, not the model: a ResNet-50 stem."""
+    x = jax.ShapeDtypeStruct((4, 224, 224, 3), jnp.float32)
+    geometry = statistics.ConvGeometry((7, 7), 2, 3)
+
+    def flops(method):
+        fn = jax.jit(lambda x: statistics.geometry_statistic(x, geometry, method=method))
+        cost = fn.lower(x).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)['flops']
+
+    assert flops('shifts') < 0.4 * flops('patches')
+
+
 @pytest.mark.parametrize('case', CONV_CASES[::3], ids=str)
 def test_conv_rows_equal_unfolded_patches(case, x64):
     x = jax.random.normal(jax.random.key(2), (1, *case[-1], 3), jnp.float64)
@@ -186,12 +230,16 @@ def test_unsupported_conv_options_are_named(kwargs, words):
     'padding, batch, budget_images',
     [('SAME', 7, 2), ('CIRCULAR', 5, 3), ('REFLECT', 4, 1), ((2, 1), 6, 4), ('VALID', 9, 5)],
 )
-def test_chunked_statistic_equals_one_shot(padding, batch, budget_images, x64):
+@pytest.mark.parametrize('method', ['patches', 'shifts'])
+def test_chunked_statistic_equals_one_shot(padding, batch, budget_images, method, x64):
     x = jax.random.normal(jax.random.key(0), (batch, 11, 10, 3), jnp.float64) + 2.0
     args = (statistics.ConvGeometry((3, 3), 2, padding),)
-    one_shot = statistics.conv_statistic(x, *args, max_chunk_bytes=2**40)
-    per_image = statistics.conv_rows(x[:1], *args).nbytes
-    chunked = statistics.conv_statistic(x, *args, max_chunk_bytes=budget_images * per_image)
+    one_shot = statistics.geometry_statistic(x, *args, max_chunk_bytes=2**40, method='patches')
+    cost = statistics._cost(x.shape, *args, x.dtype)
+    per_image = cost.patches_bytes if method == 'patches' else cost.shifts_bytes
+    chunked = statistics.geometry_statistic(
+        x, *args, max_chunk_bytes=budget_images * per_image, method=method
+    )
     assert isinstance(chunked, tract_jax.GramStatistic)
     np.testing.assert_allclose(chunked.gram, one_shot.gram, rtol=1e-12)
     assert chunked.count == one_shot.count
@@ -204,7 +252,11 @@ def test_chunking_bounds_the_memory_of_the_statistic():
     patches_bytes = 32 * 56 * 56 * 147 * 4  # 59 MiB if held at once
 
     def temp_bytes(budget):
-        fn = jax.jit(lambda x: statistics.conv_statistic(x, *args, max_chunk_bytes=budget))
+        fn = jax.jit(
+            lambda x: statistics.geometry_statistic(
+                x, *args, max_chunk_bytes=budget, method='patches'
+            )
+        )
         return fn.lower(x).compile().memory_analysis().temp_size_in_bytes
 
     assert temp_bytes(2**40) >= patches_bytes
