@@ -138,28 +138,34 @@ def bench_torch(name: str, batch: int, pairs: int, warmup: int) -> dict[str, Any
     return result
 
 
+def _extra_ms(result: dict[str, Any]) -> float:
+    """TrAct's absolute cost per step: the plain step's median times the median ratio − 1."""
+    return result['plain_ms'] * result['overhead_pct'] / 100
+
+
 def _markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [
         f'Measured {meta["date"]} on {meta["machine"]} ({meta["backend"]}), `{meta["command"]}`.',
         '',
-        '| model | batch | plain ms | TrAct ms | overhead (IQR) | extra FLOPs | extra temp mem '
-        '| torch_tract overhead (IQR) |',
-        '|---|---|---|---|---|---|---|---|',
+        '| model | batch | plain ms | TrAct ms | overhead (IQR) | extra ms | extra FLOPs '
+        '| extra temp mem | torch plain ms | torch_tract overhead (IQR) | torch_tract extra ms |',
+        '|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     for r in rows:
         j = r['jax']
         t = r.get('torch')
-        torch_cell = (
-            f'{t["overhead_pct"]:+.1f}% ({t["overhead_iqr_pct"][0]:+.1f}, '
-            f'{t["overhead_iqr_pct"][1]:+.1f})'
+        torch_cells = (
+            f'{t["plain_ms"]:.1f} | {t["overhead_pct"]:+.1f}% ({t["overhead_iqr_pct"][0]:+.1f}, '
+            f'{t["overhead_iqr_pct"][1]:+.1f}) | {_extra_ms(t):+.1f}'
             if t
-            else 'n/a'
+            else 'n/a | n/a | n/a'
         )
         lines.append(
             f'| {r["model"]} | {j["batch"]} | {j["plain_ms"]:.1f} | {j["tract_ms"]:.1f} | '
             f'{j["overhead_pct"]:+.2f}% ({j["overhead_iqr_pct"][0]:+.1f}, '
-            f'{j["overhead_iqr_pct"][1]:+.1f}) | {j["extra_flops_pct"]:+.2f}% | '
-            f'{j["extra_temp_mib"]:+.1f} MiB ({j["extra_temp_pct"]:+.1f}%) | {torch_cell} |'
+            f'{j["overhead_iqr_pct"][1]:+.1f}) | {_extra_ms(j):+.1f} | '
+            f'{j["extra_flops_pct"]:+.2f}% | '
+            f'{j["extra_temp_mib"]:+.1f} MiB ({j["extra_temp_pct"]:+.1f}%) | {torch_cells} |'
         )
     return '\n'.join(lines) + '\n'
 
