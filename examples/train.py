@@ -96,8 +96,12 @@ def train_one(args, train: data.Split, test: data.Split, lam: float | None, seed
         start = time.perf_counter()
         order = data_rng.permutation(len(train.labels))
         losses = []
-        bar = tqdm(
-            range(steps_per_epoch), desc=f'{label} epoch {epoch}', leave=False, file=sys.stderr
+        bar = tqdm(  # a bar only on a terminal: in a log, \r fragments are noise
+            range(steps_per_epoch),
+            desc=f'{label} epoch {epoch}',
+            leave=False,
+            file=sys.stderr,
+            disable=not sys.stderr.isatty(),
         )
         for i in bar:
             idx = order[i * args.batch_size : (i + 1) * args.batch_size]
@@ -196,15 +200,25 @@ def main(argv: list[str] | None = None) -> dict:
         final = np.array([100 * run[-1]['test_acc'] for run in runs.values()])
         summary[label] = {'final_test_acc_mean': final.mean(), 'final_test_acc_std': final.std()}
         print(f'{label:>8}: final test accuracy {final.mean():.2f} ± {final.std():.2f}%')
+    if len(args.seeds) == 1:
+        print(
+            'one seed: a single run, no spread. Differences of a point or so are within seed '
+            'noise at this size; pass several --seeds for mean ± std.'
+        )
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = {
-        'args': {k: str(v) for k, v in vars(args).items()},
+        'args': {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
         'summary': summary,
         'runs': results,
     }
     (args.out / 'results.json').write_text(json.dumps(report, indent=2))
-    plot(results, args.out / 'accuracy.png', f'{args.dataset}, {args.model}, {args.optimizer}')
+    seeds = f'{len(args.seeds)} seed' + ('s' if len(args.seeds) > 1 else '')
+    title = (
+        f'{args.dataset}, {args.model}, {args.optimizer} lr {args.lr:g}, λ {args.lam:g}, '
+        f'{args.standardize}, {seeds}'
+    )
+    plot(results, args.out / 'accuracy.png', title)
     print(f'wrote {args.out / "results.json"} and {args.out / "accuracy.png"}')
     return report
 

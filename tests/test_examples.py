@@ -25,6 +25,7 @@ def test_train_runs_both_arms_on_digits(tmp_path):
     assert set(report['runs']) == {'baseline', 'tract'}
     saved = json.loads((tmp_path / 'results.json').read_text())
     assert len(saved['runs']['tract']['0']) == 2
+    assert saved['args']['lr'] == 1e-3 and saved['args']['seeds'] == [0]  # typed, not strings
     assert (tmp_path / 'accuracy.png').stat().st_size > 0
 
 
