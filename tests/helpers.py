@@ -69,3 +69,32 @@ def two_step_update(x, z, dz, kernel, bias, lam, eta=1e-2):
     rhs = np.concatenate([target, scale * kernel])
     new_kernel, *_ = np.linalg.lstsq(lhs, rhs, rcond=None)
     return (kernel - new_kernel) / eta
+
+
+def linen_train_step(model, tx, capture=()):
+    """The linen step users write: every mutated collection is merged back into variables.
+
+    Returns ``step(variables, opt_state, x, y) -> (variables, opt_state)``, not jitted.
+    """
+    import jax
+    import optax
+
+    import tract_jax
+
+    def step(variables, opt_state, x, y):
+        def loss_fn(params):
+            with tract_jax.capture(*capture):
+                logits, state = model.apply(
+                    {**variables, 'params': params}, x, mutable=['batch_stats', 'tract']
+                )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, state
+
+        grads, state = jax.grad(loss_fn, has_aux=True)(variables['params'])
+        updates, opt_state = tx.update(
+            grads, opt_state, variables['params'], tract_stats=state['tract']
+        )
+        params = optax.apply_updates(variables['params'], updates)
+        return {**variables, **state, 'params': params}, opt_state
+
+    return step

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from flax import nnx
+from helpers import linen_train_step
 
 import tract_jax
 
@@ -31,21 +32,7 @@ def _linen_step():
     model = _Linen()
     variables = model.init(jax.random.key(0), X)
 
-    def step(variables, opt_state, x, y):
-        def loss_fn(params):
-            logits, state = model.apply(
-                {**variables, 'params': params}, x, mutable=['batch_stats', 'tract']
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, state
-
-        grads, state = jax.grad(loss_fn, has_aux=True)(variables['params'])
-        updates, opt_state = TX.update(
-            grads, opt_state, variables['params'], tract_stats=state['tract']
-        )
-        params = optax.apply_updates(variables['params'], updates)
-        return {**variables, 'batch_stats': state['batch_stats'], 'params': params}, opt_state
-
+    step = linen_train_step(model, TX)
     return step, (variables, TX.init(variables['params']), X, Y)
 
 

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from flax import nnx
+from helpers import linen_train_step
 
 import tract_jax
 from tract_jax._src import passes
@@ -48,25 +49,12 @@ def _merged_back_loop(model, steps=3, capture=()):
     tx = optax.chain(tract_jax.tract(0.1), optax.sgd(0.1))
     opt_state = tx.init(variables['params'])
     traces = []
+    train_step = linen_train_step(model, tx, capture)
 
     @jax.jit
     def step(variables, opt_state, x):
-        traces.append(None)
-
-        def loss_fn(params):
-            with tract_jax.capture(*capture):
-                logits, state = model.apply(
-                    {**variables, 'params': params}, x, mutable=['batch_stats', 'tract']
-                )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, Y).mean()
-            return loss, state
-
-        grads, state = jax.grad(loss_fn, has_aux=True)(variables['params'])
-        updates, opt_state = tx.update(
-            grads, opt_state, variables['params'], tract_stats=state['tract']
-        )
-        params = optax.apply_updates(variables['params'], updates)
-        return {**variables, **state, 'params': params}, opt_state
+        traces.append(None)  # counts the compilations
+        return train_step(variables, opt_state, x, Y)
 
     counts = []
     for i in range(steps):
