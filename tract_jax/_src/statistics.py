@@ -553,6 +553,8 @@ class _GramCost(NamedTuple):
     patches_bytes: int
     shifts_bytes: int
     overlap: bool  # whether windows overlap along the first axis, so that rows are shared
+    rows: int  # rows of X per image
+    fan_in: int
 
 
 def _gram_cost(padded: Sequence[int], window: _Window, channels: int, itemsize: int) -> _GramCost:
@@ -576,6 +578,8 @@ def _gram_cost(padded: Sequence[int], window: _Window, channels: int, itemsize: 
         patches_bytes=out[0] * rest * k0 * m * itemsize,
         shifts_bytes=(length + reach) * s0 * rest * m * itemsize,
         overlap=(k0 - 1) * d0 >= s0,
+        rows=math.prod(out),
+        fan_in=k0 * m,
     )
 
 
@@ -599,15 +603,18 @@ def _cost(shape: Sequence[int], geometry: ConvGeometry, dtype: Any) -> _GramCost
     )
 
 
-def chosen_method(shape: Sequence[int], geometry: ConvGeometry, dtype: Any = jnp.float32) -> str:
-    """The formulation ``method='auto'`` takes for channels-last inputs of ``shape``."""
-    cost = _cost(shape, geometry, dtype)
+def _choice(cost: _GramCost) -> str:
     shifts = (
         cost.overlap
         and cost.shifts <= SHIFTS_BELOW * cost.patches
         and cost.patches_bytes >= SHIFTS_FROM_BYTES
     )
     return 'shifts' if shifts else 'patches'
+
+
+def chosen_method(shape: Sequence[int], geometry: ConvGeometry, dtype: Any = jnp.float32) -> str:
+    """The formulation ``method='auto'`` takes for channels-last inputs of ``shape``."""
+    return _choice(_cost(shape, geometry, dtype))
 
 
 def _conv_statistic(
@@ -619,15 +626,12 @@ def _conv_statistic(
     images = images.reshape((-1, *images.shape[-(rank + 1) :]))
     window = _Window.of(geometry)
     cost = _cost(images.shape, geometry, images.dtype)
-    padded = jax.eval_shape(functools.partial(_padded, geometry=geometry), images[:1])
-    dtype = padded.dtype
-    rows_per_image = math.prod(window.out(padded.shape[1:-1]))
-    n = math.prod(window.kernel_size) * padded.shape[-1]
-    batch = images.shape[0]
+    dtype = statistic_dtype(images.dtype)
+    batch, rows_per_image, n = images.shape[0], cost.rows, cost.fan_in
     if batch * rows_per_image < n:  # few rows: keep them
         return from_rows(conv_rows(images, geometry))
     if method == 'auto':
-        method = chosen_method(images.shape, geometry, images.dtype)
+        method = _choice(cost)
     if method == 'shifts':
         per_image = cost.shifts_bytes
 
