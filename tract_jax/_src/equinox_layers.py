@@ -21,7 +21,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from tract_jax._src import statistics
+from tract_jax._src import statistics, transform
 
 Layer = eqx.nn.Linear | eqx.nn.Conv
 
@@ -192,7 +192,7 @@ def split_stats(grads: Any) -> tuple[Any, dict[str, Any]]:
     for keys, node in flat:
         if not _is_tract(node):
             continue
-        names = [_name(k) for k in keys]
+        names = [transform.key_name(k) for k in keys]
         if node.tract_gram is None or node.tract_count is None:
             raise ValueError(
                 f"tract_jax.equinox.split_stats: the TrAct layer at '{'/'.join(names)}' has "
@@ -226,10 +226,3 @@ def split_stats(grads: Any) -> tuple[Any, dict[str, Any]]:
         is_leaf=_is_tract,
     )
     return zeroed, stats
-
-
-def _name(key: Any) -> str:
-    for attr in ('name', 'key', 'idx'):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)

@@ -323,6 +323,19 @@ def conv_rows(inputs: jax.Array, geometry: ConvGeometry) -> jax.Array:
     return patches.reshape(-1, patches.shape[-2] * patches.shape[-1])
 
 
+def _shift_plan(k0: int, s0: int, d0: int) -> dict[tuple[int, int], tuple[int, int, int, int]]:
+    """For each Gram block ``(a, a + Δ)``, ``Δ ≥ 0``, of the offsets along the first axis:
+    ``(phase, partner phase, j0, offset)``. Its rows ``t = d·a + s·i`` are rows ``j0 + i``
+    of phase ``d·a mod s``, against rows ``j0 + i + offset`` of the partner phase."""
+    plan = {}
+    for delta in range(k0):
+        for a in range(k0 - delta):
+            first, partner = a * d0, (a + delta) * d0
+            offset = partner // s0 - first // s0
+            plan[a, a + delta] = (first % s0, partner % s0, first // s0, offset)
+    return plan
+
+
 _CORRELATE_FROM = 32
 """Rows per phase from which :func:`_gram_by_shifts` correlates whole phases in one
 ``lax.conv``; shorter phases (a video stem's few frames) take one matmul per offset,
@@ -349,17 +362,10 @@ def _gram_by_shifts(x: jax.Array, window: _Window) -> jax.Array:
     rows = _patches(x, _Window((1, *k_rest), (1, *s_rest), (1, *d_rest)))
     images, size0 = rows.shape[:2]
     m = math.prod(rows.shape[-2:])
-    out0 = max((size0 - (k0 - 1) * d0 - 1) // s0 + 1, 0)
+    out0 = window.out(x.shape[1:-1])[0]
     if out0 == 0 or rows.size == 0:
         return jnp.zeros((k0 * m, k0 * m), x.dtype)
-    # Block (a, a + Δ): rows t = first + s·i of phase first mod s, from j0 = first // s on,
-    # against the phase (first + dΔ) mod s, from (first + dΔ) // s on.
-    plan = {}
-    for delta in range(k0):
-        for a in range(k0 - delta):
-            first, partner = a * d0, (a + delta) * d0
-            offset = partner // s0 - first // s0
-            plan[a, a + delta] = (first % s0, partner % s0, first // s0, offset)
+    plan = _shift_plan(k0, s0, d0)
     length = -(-size0 // s0)  # rows per phase, padded with zero rows
     reach = max(offset for *_, offset in plan.values())
     rows = rows.reshape(images, size0, -1, m)
@@ -564,14 +570,11 @@ def _gram_cost(padded: Sequence[int], window: _Window, channels: int, itemsize: 
     rest = math.prod(out[1:])  # positions along the other axes
     m = math.prod(k_rest) * channels
     length = -(-padded[0] // s0)
-    pairs = {(a * d0 % s0, b * d0 % s0) for a in range(k0) for b in range(a, k0)}
-    reach = max((b * d0) // s0 - (a * d0) // s0 for a in range(k0) for b in range(a, k0))
-    # Each block subtracts the rows of its phase before a·d//s and after the output's.
-    uncovered = sum(
-        (a * d0) // s0 + max(length - (a * d0) // s0 - out[0], 0)
-        for a in range(k0)
-        for _ in range(a, k0)
-    )
+    plan = _shift_plan(k0, s0, d0).values()
+    pairs = {(phase, partner_phase) for phase, partner_phase, *_ in plan}
+    reach = max(offset for *_, offset in plan)
+    # Each block subtracts the rows of its phase before j0 and after the output's.
+    uncovered = sum(j0 + max(length - j0 - out[0], 0) for _, _, j0, _ in plan)
     return _GramCost(
         patches=out[0] * rest * (k0 * m) ** 2,
         shifts=(len(pairs) * (reach + 1) * length + uncovered) * rest * m * m,

@@ -34,7 +34,8 @@ class TractState(NamedTuple):
     fallbacks: jax.Array
 
 
-def _key_name(key: Any) -> str:
+def key_name(key: Any) -> str:
+    """The name of one pytree key, as ``tract`` matches statistics to gradient leaves."""
     for attr in ('key', 'name', 'idx'):
         if hasattr(key, attr):
             return str(getattr(key, attr))
@@ -42,7 +43,7 @@ def _key_name(key: Any) -> str:
 
 
 def _path(keys: tuple[Any, ...]) -> tuple[str, ...]:
-    names = tuple(_key_name(k) for k in keys)
+    names = tuple(key_name(k) for k in keys)
     # An NNX Variable flattens to its `.value`: nnx.State gradients end in that key.
     if keys and isinstance(keys[-1], jax.tree_util.GetAttrKey) and keys[-1].name == 'value':
         names = names[:-1]
