@@ -4,6 +4,8 @@
 - ``fashion_mnist``: the IDX files of Debian's ``dataset-fashion-mnist``
   (``apt-get install dataset-fashion-mnist``), default /usr/share/datasets/fashion-mnist.
 - ``cifar10`` / ``cifar100``: the standard "python version" pickle batches.
+- ``npz``: your own data, one ``.npz`` file (``--data-dir``) with the arrays ``x_train``,
+  ``y_train``, ``x_test``, ``y_test``; images (N, H, W) or (N, H, W, C), integer labels.
 
 Images come as float32 NHWC arrays. ``standardize`` chooses per-channel standardization
 with the training set's mean and std (the paper's setting), or the raw pixel scale
@@ -31,7 +33,7 @@ CIFAR_FILES = {
     'cifar10': ('cifar-10-batches-py', [f'data_batch_{i}' for i in range(1, 6)], ['test_batch']),
     'cifar100': ('cifar-100-python', ['train'], ['test']),
 }
-DATASETS = ('digits', 'fashion_mnist', 'cifar10', 'cifar100')
+DATASETS = ('digits', 'fashion_mnist', 'cifar10', 'cifar100', 'npz')
 NUM_CLASSES = {'digits': 10, 'fashion_mnist': 10, 'cifar10': 10, 'cifar100': 100}
 
 
@@ -106,6 +108,26 @@ def _cifar(name: str, data_dir: pathlib.Path) -> tuple[Split, Split]:
     return load(train_files), load(test_files)
 
 
+def _npz(path: pathlib.Path) -> tuple[Split, Split]:
+    names = ['x_train', 'y_train', 'x_test', 'y_test']
+    if not path.is_file():
+        raise MissingDataError(
+            f'npz: no file at {path}. Pass --data-dir pointing at one .npz file holding the '
+            f'arrays {", ".join(names)}.'
+        )
+    with np.load(path) as arrays:
+        absent = [k for k in names if k not in arrays]
+        if absent:
+            raise ValueError(f'{path} lacks the arrays {", ".join(absent)} (it needs {names})')
+        x_train, y_train, x_test, y_test = (arrays[k] for k in names)
+
+    def split(x, y):
+        x = x[..., None] if x.ndim == 3 else x
+        return Split(x.astype(np.float32), y.astype(np.int32).reshape(-1))
+
+    return split(x_train, y_train), split(x_test, y_test)
+
+
 def _digits() -> tuple[Split, Split]:
     from sklearn.datasets import load_digits
 
@@ -123,8 +145,8 @@ def load(
     """Train and test splits of ``name``, as float32 NHWC images and int32 labels.
 
     Args:
-      name: one of ``digits``, ``fashion_mnist``, ``cifar10``, ``cifar100``.
-      data_dir: where the files are (not used for ``digits``).
+      name: one of ``digits``, ``fashion_mnist``, ``cifar10``, ``cifar100``, ``npz``.
+      data_dir: where the files are (for ``npz``, the file; not used for ``digits``).
       standardize: ``'channel'`` (per-channel mean/std of the training set) or
         ``'raw255'`` (pixel values in [0, 255], unstandardized).
 
@@ -135,6 +157,10 @@ def load(
         train, test = _digits()
     elif name == 'fashion_mnist':
         train, test = _fashion_mnist(pathlib.Path(data_dir or FASHION_MNIST_DIR))
+    elif name == 'npz':
+        if data_dir is None:
+            raise MissingDataError('npz: pass --data-dir pointing at your .npz file.')
+        train, test = _npz(pathlib.Path(data_dir))
     elif name in CIFAR_FILES:
         if data_dir is None:
             raise _missing(name, pathlib.Path('.'), CIFAR_FILES[name][1], 'No default location.')

@@ -28,16 +28,21 @@ def _residual(x, y, strides: int, norm):
 
 
 class SmallCNN(nn.Module):
-    """Two conv blocks and a linear head; for 8x8 to 32x32 images."""
+    """Two conv blocks and a linear head; for 8x8 to 32x32 images.
+
+    ``stem_norm=False`` drops the BatchNorm right after the stem (the stem gets a bias
+    instead), so the stem's scale reaches the next layer as it is.
+    """
 
     num_classes: int = 10
     width: int = 32
+    stem_norm: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         norm = _batch_norm(train)
-        x = tract_jax.Conv(self.width, (3, 3), use_bias=False, name='stem')(x)
-        x = nn.relu(norm()(x))
+        x = tract_jax.Conv(self.width, (3, 3), use_bias=not self.stem_norm, name='stem')(x)
+        x = nn.relu(norm()(x) if self.stem_norm else x)
         x = nn.max_pool(x, (2, 2), (2, 2))
         x = nn.Conv(2 * self.width, (3, 3), use_bias=False)(x)
         x = nn.relu(norm()(x))
@@ -150,6 +155,16 @@ class ViT(nn.Module):
 
 def vit_tiny(patch: int = 4, num_classes: int = 10) -> ViT:
     return ViT(patch=patch, dim=192, depth=12, heads=3, num_classes=num_classes)
+
+
+def vit_mini(patch: int = 7, num_classes: int = 10) -> ViT:
+    """A 4-block, width-64 ViT: small enough to train on Fashion-MNIST on a CPU."""
+    return ViT(patch=patch, dim=64, depth=4, heads=4, num_classes=num_classes)
+
+
+def vit_cifar(patch: int = 8, num_classes: int = 10) -> ViT:
+    """The paper's CIFAR-10 ViT (its Figure 4): 7 blocks, width 384, 12 heads, patch 8."""
+    return ViT(patch=patch, dim=384, depth=7, heads=12, num_classes=num_classes)
 
 
 def vit_small(patch: int = 16, num_classes: int = 1000) -> ViT:

@@ -19,12 +19,18 @@ def make_optimizer(base: optax.GradientTransformation, lam: float | None):
     return base if lam is None else optax.chain(tract_jax.tract(lam), base)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, use_tract: bool) -> Step:
+def make_train_step(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    use_tract: bool,
+    label_smoothing: float = 0.0,
+) -> Step:
     """``step(params, batch_stats, opt_state, x, y) -> (params, batch_stats, opt_state, loss)``.
 
     The model is applied with ``train=True`` and ``batch_stats`` mutable; with
     ``use_tract`` the ``'tract'`` collection is mutable too and its statistics go to the
-    optimizer. Without it the TrAct layers record nothing: a plain Flax step.
+    optimizer. Without it the TrAct layers record nothing: a plain Flax step. The loss
+    is cross-entropy, with ``label_smoothing`` (the paper's ViT recipe uses 0.1).
     """
     mutable = ['batch_stats', 'tract'] if use_tract else ['batch_stats']
 
@@ -32,7 +38,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, use_trac
         logits, state = model.apply(
             {'params': params, 'batch_stats': batch_stats}, x, train=True, mutable=mutable
         )
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        targets = optax.smooth_labels(jax.nn.one_hot(y, logits.shape[-1]), label_smoothing)
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
         return loss, state
 
     def step(params, batch_stats, opt_state, x, y):

@@ -30,7 +30,7 @@ if __package__ in (None, ''):  # run as a script: make `examples` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples import data, models, steps
 
-MODELS = ('cnn', 'resnet18', 'vit_tiny')
+MODELS = ('cnn', 'resnet18', 'vit_tiny', 'vit_cifar')
 
 
 def build_model(name: str, num_classes: int, patch: int):
@@ -40,6 +40,8 @@ def build_model(name: str, num_classes: int, patch: int):
         return models.resnet18(num_classes)
     if name == 'vit_tiny':
         return models.vit_tiny(patch, num_classes)
+    if name == 'vit_cifar':
+        return models.vit_cifar(patch, num_classes)
     raise ValueError(f'unknown model {name!r}; choose from {", ".join(MODELS)}')
 
 
@@ -87,7 +89,7 @@ def train_one(args, train: data.Split, test: data.Split, lam: float | None, seed
         steps_per_epoch = min(steps_per_epoch, args.max_steps_per_epoch)
     tx = make_optimizer(args, steps_per_epoch * args.epochs, lam)
     opt_state = tx.init(params)
-    step = steps.make_train_step(model, tx, use_tract=lam is not None)
+    step = steps.make_train_step(model, tx, lam is not None, args.label_smoothing)
     predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), -1))
 
     data_rng = np.random.default_rng(seed)  # the same batches, in the same order, for both runs
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument('--optimizer', default='adam', choices=('adam', 'sgd'))
     parser.add_argument('--lr', type=float, default=1e-3)
     parser.add_argument('--weight-decay', type=float, default=0.0)
+    parser.add_argument('--label-smoothing', type=float, default=0.0)
     parser.add_argument('--lam', type=float, default=0.1, help="TrAct's λ")
     parser.add_argument('--epochs', type=int, default=10)
     parser.add_argument('--batch-size', type=int, default=64)

@@ -69,3 +69,63 @@ def test_plain_jax_example_trains_with_the_public_statistics_api():
 
     result = plain_jax.main(['--steps', '150'])
     assert result['last_loss'] < 0.5 * result['first_loss']
+
+
+def test_study_arms_equal_the_train_example_and_seeds_train_independently(tmp_path):
+    """The study's vmapped, scanned epoch is the train example's loop: seed 1 trained
+    beside seed 0 gives the loss the train example gets for seed 1 alone, in both arms."""
+    from examples import study
+
+    common = ['--dataset', 'digits', '--model', 'cnn', '--optimizer', 'adam', '--lr', '1e-3']
+    common += ['--batch-size', '64']
+    report = study.main(
+        [*common, '--budgets', '1', '--seeds', '0', '1', '--lams', '0.1', '--out', str(tmp_path)]
+    )
+    alone = train.main([*common, '--epochs', '1', '--seeds', '1', '--out', str(tmp_path / 't')])
+    for arm, label in (('plain', 'baseline'), ('TrAct λ=0.1', 'tract')):
+        loss = report['runs'][arm][1]['final_loss'][1]
+        assert loss == pytest.approx(alone['runs'][label]['1'][0]['loss'], rel=1e-4)
+        acc = report['runs'][arm][1]['test_acc'][1]
+        assert acc == pytest.approx(100 * alone['runs'][label]['1'][0]['test_acc'], abs=0.6)
+    assert (
+        report['runs']['plain'][1]['final_loss'] != report['runs']['TrAct λ=0.1'][1]['final_loss']
+    )
+    for name in ('study.json', 'study.md', 'study.png'):
+        assert (tmp_path / name).stat().st_size > 0
+    assert '| 1 |' in (tmp_path / 'study.md').read_text()
+
+
+def test_study_paired_interval_and_speedup():
+    from examples import study
+
+    p = study.paired([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    t = (2 * 0.95**2 / (1 - 0.95**2)) ** 0.5  # t(0.975) for 2 degrees of freedom, closed form
+    half = t / 3**0.5  # t · sd / √n, sd = 1
+    assert p['mean'] == 2.0
+    assert (p['low'], p['high']) == pytest.approx((2 - half, 2 + half), rel=1e-12)
+    runs = {
+        'plain': {b: {'test_acc': [a, a]} for b, a in ((1, 70.0), (2, 75.0), (4, 80.0))},
+        'TrAct': {b: {'test_acc': [a, a + 1]} for b, a in ((1, 72.0), (2, 80.0), (4, 81.0))},
+    }
+    summary = study.summarize(runs, [1, 2, 4])['arms']['TrAct']
+    assert summary['reaches_plain_at_largest_budget_at'] == 2 and summary['speedup'] == 2.0
+    assert summary['paired'][1]['mean'] == 2.5
+
+
+def test_npz_dataset(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / 'mine.npz'
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (6, 5, 5), dtype=np.uint8),
+        y_train=np.arange(6) % 2,
+        x_test=rng.integers(0, 256, (2, 5, 5), dtype=np.uint8),
+        y_test=np.array([0, 1]),
+    )
+    tr, te = data.load('npz', path, standardize='raw255')
+    assert tr.images.shape == (6, 5, 5, 1) and tr.images.dtype == np.float32
+    assert te.labels.tolist() == [0, 1]
+    with pytest.raises(data.MissingDataError, match='x_train'):
+        data.load('npz', tmp_path / 'absent.npz')

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The grid behind the README's "When does TrAct help?", in the order run (2-core CPU).
+# Fashion-MNIST needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist).
+# STAGE=1: the claims' cells; STAGE=2: the λ sweep and 5-seed reruns chosen from stage 1.
+set -euo pipefail
+OUT=${OUT:-examples/runs/study}
+STAGE=${STAGE:-1}
+run() { local name=$1; shift; mkdir -p "$OUT/$name"
+        python -m examples.study --out "$OUT/$name" "$@" 2>&1 | tee "$OUT/$name/log.txt"; }
+
+fm=(--dataset fashion_mnist --train-size 10000 --budgets 1 2 4 --batch-size 128)
+dg=(--dataset digits --budgets 5 10 20 --batch-size 64 --seeds 0 1 2 3 4)
+vit=(--model vit --label-smoothing 0.1)
+if [ "$STAGE" = 1 ]; then
+  # 1. ViT patch embeddings with a large fan-in (n = 49, 196), Adam
+  run fm_vit7_adam        "${fm[@]}" "${vit[@]}" --patch 7 --optimizer adam --lr 1e-3
+  # 2. unnormalized inputs: [0, 255] pixels
+  run fm_vit7_adam_raw255 "${fm[@]}" "${vit[@]}" --patch 7 --optimizer adam --lr 1e-3 --standardize raw255
+  run fm_vit14_adam       "${fm[@]}" "${vit[@]}" --patch 14 --optimizer adam --lr 1e-3
+  # 3. a conv stem with no normalization after it, standardized and raw
+  run fm_cnnnn_adam        "${fm[@]}" --model cnn_nonorm --optimizer adam --lr 1e-3
+  run fm_cnnnn_adam_raw255 "${fm[@]}" --model cnn_nonorm --optimizer adam --lr 1e-3 --standardize raw255
+  # 4. optimizers: SGD, and the first layer by SGD with the rest by Adam (plain arm = control)
+  run fm_vit7_sgd          "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd --lr 0.03
+  run fm_vit7_sgdadam_f01  "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.01
+  run fm_vit7_sgdadam_f1   "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.1
+  # digits (1,400 train images, 8x8): the same claims, 5 seeds
+  run dg_vit4_adam         "${dg[@]}" "${vit[@]}" --patch 4 --optimizer adam --lr 1e-3
+  run dg_vit4_adam_raw255  "${dg[@]}" "${vit[@]}" --patch 4 --optimizer adam --lr 1e-3 --standardize raw255
+  run dg_cnnnn_adam        "${dg[@]}" --model cnn_nonorm --optimizer adam --lr 1e-3
+  run dg_cnnnn_adam_raw255 "${dg[@]}" --model cnn_nonorm --optimizer adam --lr 1e-3 --standardize raw255
+  run dg_vit4_sgd          "${dg[@]}" "${vit[@]}" --patch 4 --optimizer sgd --lr 0.03
+  run dg_vit4_sgdadam_f01  "${dg[@]}" "${vit[@]}" --patch 4 --optimizer sgd_adam --lr 1e-3 --first-lr 0.01
+  run dg_vit4_sgdadam_f1   "${dg[@]}" "${vit[@]}" --patch 4 --optimizer sgd_adam --lr 1e-3 --first-lr 0.1
+fi
