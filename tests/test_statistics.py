@@ -77,6 +77,27 @@ def test_gram_by_shifts_is_the_gram_of_unfolded_patches(case, x64):
         assert stat.count == patches.shape[0]
 
 
+LONG_CASES = [  # phases of at least _CORRELATE_FROM rows: one lax.conv per pair of phases
+    ((7, 7), (2, 2), 3, (1, 1), (1, 1), (70, 12)),  # a ResNet stem's geometry
+    ((3, 3), (1, 1), 'SAME', (1, 1), (1, 1), (40, 6)),
+    ((5, 3), (3, 1), ((4, 1), (1, 1)), (1, 1), (2, 1), (110, 5)),
+    ((3, 2), (2, 1), 'VALID', (2, 1), (1, 1), (40, 5)),
+    ((3, 2, 2), (2, 1, 1), 'SAME', (1, 1, 1), (1, 1, 1), (70, 3, 4)),
+]
+
+
+@pytest.mark.parametrize('case', LONG_CASES, ids=str)
+def test_gram_by_shifts_correlating_long_phases(case, x64):
+    x = jax.random.normal(jax.random.key(4), (3, *case[-1], 2), jnp.float64) + 0.5
+    geometry = statistics.ConvGeometry(*case[:-1])
+    padded = statistics._padded(x, geometry)
+    length = -(-padded.shape[1] // statistics._Window.of(geometry).strides[0])
+    assert length >= statistics._CORRELATE_FROM  # the lax.conv path
+    gram = statistics._gram_by_shifts(padded, statistics._Window.of(geometry))
+    patches = unfold(x, *case[:-1])
+    np.testing.assert_allclose(gram, patches.T @ patches, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     ('kernel', 'strides', 'dilation', 'side', 'picks'),
     [

@@ -336,6 +336,15 @@ def _shift_plan(k0: int, s0: int, d0: int) -> dict[tuple[int, int], tuple[int, i
     return plan
 
 
+def _offset_ranges(plan: dict) -> dict[tuple[int, int], tuple[int, int]]:
+    """The smallest and largest offset at which the plan's blocks use each pair of phases."""
+    ranges: dict[tuple[int, int], tuple[int, int]] = {}
+    for phase, partner_phase, _, offset in plan.values():
+        lo, hi = ranges.get((phase, partner_phase), (offset, offset))
+        ranges[phase, partner_phase] = (min(lo, offset), max(hi, offset))
+    return ranges
+
+
 _CORRELATE_FROM = 32
 """Rows per phase from which :func:`_gram_by_shifts` correlates whole phases in one
 ``lax.conv``; shorter phases (a video stem's few frames) take one matmul per offset,
@@ -385,18 +394,19 @@ def _gram_by_shifts(x: jax.Array, window: _Window) -> jax.Array:
         # Long phases: one 1-D correlation per pair of phases gives every offset at once;
         # XLA runs it as one large contraction. out[j, i, o] = Σ over positions and rows
         # r < length of phases[phase][r, :, i] · phases[partner_phase][r + o, :, j].
+        # Each pair of phases is correlated over the offsets its blocks use only.
         channels_first = phases.transpose(0, 3, 2, 1)  # (phase, m, positions, row)
-        for phase, partner_phase in {(p, q) for p, q, *_ in plan.values()}:
+        for (phase, partner_phase), (lo, hi) in _offset_ranges(plan).items():
             out = jax.lax.conv_general_dilated(
-                channels_first[partner_phase],
+                channels_first[partner_phase, :, :, lo : hi + length],
                 channels_first[phase, :, :, :length],
                 window_strides=(1,),
                 padding='VALID',
                 dimension_numbers=('NCH', 'OIH', 'NCH'),
                 precision=_HIGHEST,
             )
-            for offset in range(reach + 1):
-                full[phase, partner_phase, offset] = out[:, :, offset].T
+            for offset in range(lo, hi + 1):
+                full[phase, partner_phase, offset] = out[:, :, offset - lo].T
     else:  # short phases with many positions: one matmul per phase, partner and offset
         for phase, partner_phase, _, offset in plan.values():
             if (phase, partner_phase, offset) not in full:
@@ -570,14 +580,14 @@ def _gram_cost(padded: Sequence[int], window: _Window, channels: int, itemsize: 
     rest = math.prod(out[1:])  # positions along the other axes
     m = math.prod(k_rest) * channels
     length = -(-padded[0] // s0)
-    plan = _shift_plan(k0, s0, d0).values()
-    pairs = {(phase, partner_phase) for phase, partner_phase, *_ in plan}
-    reach = max(offset for *_, offset in plan)
+    plan = _shift_plan(k0, s0, d0)
+    reach = max(offset for *_, offset in plan.values())
+    correlated = sum(hi - lo + 1 for lo, hi in _offset_ranges(plan).values())
     # Each block subtracts the rows of its phase before j0 and after the output's.
-    uncovered = sum(j0 + max(length - j0 - out[0], 0) for _, _, j0, _ in plan)
+    uncovered = sum(j0 + max(length - j0 - out[0], 0) for _, _, j0, _ in plan.values())
     return _GramCost(
         patches=out[0] * rest * (k0 * m) ** 2,
-        shifts=(len(pairs) * (reach + 1) * length + uncovered) * rest * m * m,
+        shifts=(correlated * length + uncovered) * rest * m * m,
         patches_bytes=out[0] * rest * k0 * m * itemsize,
         shifts_bytes=(length + reach) * s0 * rest * m * itemsize,
         overlap=(k0 - 1) * d0 >= s0,
