@@ -295,7 +295,8 @@ def plot(args, runs: dict, budgets: list[int], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; a function so that scripts calling this one can be checked."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--dataset', default='digits', choices=data.DATASETS)
     parser.add_argument('--data-dir', default=None, help='folder (or .npz file) with the data')
@@ -312,6 +313,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--out', type=pathlib.Path, default=pathlib.Path('examples/runs/study'))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
     budgets = sorted(set(args.budgets))
 

@@ -159,7 +159,8 @@ def plot(results: dict, path: pathlib.Path, title: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; a function so that scripts calling this one can be checked."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--dataset', default='digits', choices=data.DATASETS)
     parser.add_argument('--data-dir', default=None)
@@ -180,6 +181,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument('--max-steps-per-epoch', type=int, default=None)
     parser.add_argument('--out', type=pathlib.Path, default=pathlib.Path('examples/runs/latest'))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     try:

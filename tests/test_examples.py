@@ -129,3 +129,32 @@ def test_npz_dataset(tmp_path):
     assert te.labels.tolist() == [0, 1]
     with pytest.raises(data.MissingDataError, match='x_train'):
         data.load('npz', tmp_path / 'absent.npz')
+
+
+@pytest.mark.parametrize(
+    'script', ['reproduce_cifar10.sh', 'experiments.sh', 'study_grid.sh'], ids=str
+)
+def test_every_command_of_the_example_scripts_parses(script, tmp_path):
+    """Runs a script with ``python`` recording its arguments instead of training, then
+    parses each command with the module's own parser: options and choices must exist."""
+    import os
+    import pathlib
+    import subprocess
+
+    from examples import study
+
+    bin_dir, calls = tmp_path / 'bin', tmp_path / 'calls'
+    bin_dir.mkdir()
+    calls.mkdir()
+    (bin_dir / 'python').write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" > $(mktemp {calls}/XXXXXX)\n')
+    (bin_dir / 'python').chmod(0o755)
+    env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'DATA': str(tmp_path)}
+    env.update(OUT=str(tmp_path / 'runs'), SEEDS='0 1', STAGE='1')
+    root = pathlib.Path(__file__).parent.parent
+    subprocess.run(['bash', str(root / 'examples' / script)], check=True, env=env, cwd=root)
+    commands = [f.read_text().split('\0')[:-1] for f in calls.iterdir()]
+    assert len(commands) >= 4
+    parsers = {'examples.train': train.build_parser(), 'examples.study': study.build_parser()}
+    for command in commands:
+        assert command[0] == '-m' and command[1] in parsers, command
+        parsers[command[1]].parse_args(command[2:])  # exits (SystemExit) on a bad option
