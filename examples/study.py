@@ -313,12 +313,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--batch-size', type=int, default=128)
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--out', type=pathlib.Path, default=pathlib.Path('examples/runs/study'))
+    parser.add_argument(
+        '--merge',
+        type=pathlib.Path,
+        nargs='+',
+        help='study.json files of one setting run with different seeds: write them as one',
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     budgets = sorted(set(args.budgets))
 
     try:
@@ -339,6 +347,11 @@ def main(argv: list[str] | None = None) -> dict:
     for lam in [None, *args.lams]:
         label = 'plain' if lam is None else f'TrAct λ={lam:g}'
         runs[label] = run_arm(Arm(args, model, num_classes, lam), args, train, test, budgets, label)
+    return write(args, runs, budgets, time.perf_counter() - start)
+
+
+def write(args, runs: dict, budgets: list[int], seconds: float) -> dict:
+    """Summarize, print the table, and write study.json, study.md and study.png."""
     summary = summarize(runs, budgets)
     table = markdown(args, runs, summary, budgets)
     print(table)
@@ -349,15 +362,41 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         'args': {k: str(v) if isinstance(v, pathlib.Path) else v for k, v in vars(args).items()},
         'describe': describe(args),
-        'seconds': time.perf_counter() - start,
+        'seconds': seconds,
         'runs': runs,
         'summary': summary,
     }
     (args.out / 'study.json').write_text(json.dumps(report, indent=1))
     (args.out / 'study.md').write_text(table)
     plot(args, runs, budgets, args.out / 'study.png')
-    print(f'wrote study.json, study.md, study.png to {args.out} ({report["seconds"]:.0f}s)')
+    print(f'wrote study.json, study.md, study.png to {args.out} ({seconds:.0f}s)')
     return report
+
+
+def merge(paths: list[pathlib.Path], out: pathlib.Path) -> dict:
+    """One study from several runs of the same setting with different seeds (each seed's
+    result does not depend on which seeds trained beside it)."""
+    reports = [json.loads(pathlib.Path(p).read_text()) for p in paths]
+    setting = [{k: v for k, v in r['args'].items() if k not in ('seeds', 'out')} for r in reports]
+    if any(s != setting[0] for s in setting):
+        raise ValueError('--merge: the studies differ in more than their seeds and --out')
+    args = argparse.Namespace(**reports[0]['args'])
+    args.seeds = [seed for r in reports for seed in r['args']['seeds']]
+    args.out = out
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f'--merge: a seed appears twice ({args.seeds})')
+    budgets = sorted({int(b) for b in reports[0]['runs']['plain']})
+    runs = {
+        arm: {
+            b: {
+                key: [v for r in reports for v in r['runs'][arm][str(b)][key]]
+                for key in ('test_acc', 'final_loss')
+            }
+            for b in budgets
+        }
+        for arm in reports[0]['runs']
+    }
+    return write(args, runs, budgets, sum(r['seconds'] for r in reports))
 
 
 if __name__ == '__main__':

@@ -158,3 +158,27 @@ def test_every_command_of_the_example_scripts_parses(script, tmp_path):
     for command in commands:
         assert command[0] == '-m' and command[1] in parsers, command
         parsers[command[1]].parse_args(command[2:])  # exits (SystemExit) on a bad option
+
+
+def test_study_merges_runs_of_other_seeds(tmp_path):
+    from examples import study
+
+    def report(seeds, accs, name):
+        args = vars(study.build_parser().parse_args(['--seeds', *map(str, seeds)]))
+        runs = {
+            arm: {'1': {'test_acc': [a + shift for a in accs], 'final_loss': [0.5] * len(accs)}}
+            for arm, shift in (('plain', 0.0), ('TrAct λ=0.1', 1.0))
+        }
+        path = tmp_path / name
+        path.write_text(json.dumps({'args': {**args, 'out': name}, 'runs': runs, 'seconds': 2}))
+        return path
+
+    merged = study.main(
+        ['--merge', str(report([0, 1], [70, 72], 'a')), str(report([2], [71], 'b')),
+         '--out', str(tmp_path / 'm')]
+    )  # fmt: skip
+    assert merged['args']['seeds'] == [0, 1, 2] and merged['seconds'] == 4
+    assert merged['runs']['plain'][1]['test_acc'] == [70, 72, 71]
+    assert merged['summary']['arms']['TrAct λ=0.1']['paired'][1]['mean'] == 1.0
+    with pytest.raises(ValueError, match='seed appears twice'):
+        study.main(['--merge', str(tmp_path / 'a'), str(tmp_path / 'a'), '--out', str(tmp_path)])
