@@ -267,31 +267,41 @@ def describe(args) -> str:
     )
 
 
-def plot(args, runs: dict, budgets: list[int], path: pathlib.Path) -> None:
+def plot(args, runs: dict, summary: dict, budgets: list[int], path: pathlib.Path) -> None:
+    """Left: each arm's mean accuracy per budget, 95% band of the mean. Right: the paired
+    difference to plain per budget, with its 95% interval."""
     import matplotlib
 
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from scipy import stats
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax, delta) = plt.subplots(1, 2, figsize=(9.6, 4.2))
     n = len(args.seeds)
     t = float(stats.t.ppf(0.975, n - 1)) if n > 1 else 0.0
     for arm, r in runs.items():
         acc = np.array([r[b]['test_acc'] for b in budgets])  # (budgets, seeds)
         mean = acc.mean(1)
         half = t * acc.std(1, ddof=1) / math.sqrt(n) if n > 1 else np.zeros_like(mean)
-        ax.plot(budgets, mean, marker='o', label=arm)
+        (line,) = ax.plot(budgets, mean, marker='o', label=arm)
         ax.fill_between(budgets, mean - half, mean + half, alpha=0.2)
-    ax.set_xscale('log', base=2)
-    ax.set_xticks(budgets, [str(b) for b in budgets])
-    ax.set_xlabel('epochs (each a full cosine run)')
+        if arm in summary['arms']:
+            p = [summary['arms'][arm]['paired'][b] for b in budgets]
+            mid = np.array([q['mean'] for q in p])
+            err = np.array([[q['mean'] - q['low'], q['high'] - q['mean']] for q in p]).T
+            delta.errorbar(budgets, mid, yerr=err, marker='o', capsize=4, color=line.get_color())
+    delta.axhline(0, color='black', lw=0.8)
+    for a in (ax, delta):
+        a.set_xscale('log', base=2)
+        a.set_xticks(budgets, [str(b) for b in budgets])
+        a.set_xlabel('epochs (each a full cosine run)')
+        a.grid(alpha=0.3)
     ax.set_ylabel('test accuracy [%]')
-    ax.set_title(describe(args) + f', {n} seeds', fontsize=7)
-    ax.grid(alpha=0.3)
+    delta.set_ylabel('TrAct − plain [points], paired, 95% CI')
     ax.legend(fontsize=8)
+    fig.suptitle(describe(args) + f', {n} seeds', fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -368,7 +378,7 @@ def write(args, runs: dict, budgets: list[int], seconds: float) -> dict:
     }
     (args.out / 'study.json').write_text(json.dumps(report, indent=1))
     (args.out / 'study.md').write_text(table)
-    plot(args, runs, budgets, args.out / 'study.png')
+    plot(args, runs, summary, budgets, args.out / 'study.png')
     print(f'wrote study.json, study.md, study.png to {args.out} ({seconds:.0f}s)')
     return report
 
