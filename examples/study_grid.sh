@@ -5,8 +5,12 @@
 set -euo pipefail
 OUT=${OUT:-examples/runs/study}
 STAGE=${STAGE:-1}
-run() { local name=$1; shift; mkdir -p "$OUT/$name"
-        python -m examples.study --out "$OUT/$name" "$@" 2>&1 | tee "$OUT/$name/log.txt"; }
+run() {  # a cell already done (its study.json exists) is not run again
+  local name=$1; shift
+  if [ -f "$OUT/$name/study.json" ]; then return; fi
+  mkdir -p "$OUT/$name"
+  python -m examples.study --out "$OUT/$name" "$@" 2>&1 | tee "$OUT/$name/log.txt"
+}
 
 fm=(--dataset fashion_mnist --train-size 10000 --budgets 1 2 4 --batch-size 128)
 dg=(--dataset digits --budgets 5 10 20 --batch-size 64 --seeds 0 1 2 3 4)
