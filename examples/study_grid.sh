@@ -37,3 +37,25 @@ if [ "$STAGE" = 1 ]; then
   run dg_vit4_sgdadam_f01  "${dg[@]}" "${vit[@]}" --patch 4 --optimizer sgd_adam --lr 1e-3 --first-lr 0.01
   run dg_vit4_sgdadam_f1   "${dg[@]}" "${vit[@]}" --patch 4 --optimizer sgd_adam --lr 1e-3 --first-lr 0.1
 fi
+if [ "$STAGE" = 2 ]; then
+  # seeds 3 and 4 where stage 1's differences were within two standard errors (merged below)
+  more=(--seeds 3 4)
+  run fm_vit7_adam_s34        "${fm[@]}" "${vit[@]}" --patch 7 --optimizer adam --lr 1e-3 "${more[@]}"
+  run fm_vit7_adam_raw255_s34 "${fm[@]}" "${vit[@]}" --patch 7 --optimizer adam --lr 1e-3 --standardize raw255 "${more[@]}"
+  run fm_vit14_adam_s34       "${fm[@]}" "${vit[@]}" --patch 14 --optimizer adam --lr 1e-3 "${more[@]}"
+  # the λ sweep at the effect stage 1 found largest (ViT, patch 7, Adam), short budgets, 5 seeds
+  run fm_vit7_adam_lams "${fm[@]}" "${vit[@]}" --patch 7 --optimizer adam --lr 1e-3 \
+      --budgets 1 2 --seeds 0 1 2 3 4 --lams 0.025 0.05 0.1 0.2 0.4
+  # [0, 255] pixels with the first layer by SGD (TrAct's step in Z does not scale with the
+  # pixels there, plain SGD's does) and the rest by Adam; the plain arm is the control
+  run fm_vit7_sgdadam_f01_raw255 "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.01 --standardize raw255
+  run fm_vit7_sgdadam_f1_raw255  "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.1 --standardize raw255
+fi
+if [ "$STAGE" = merge ]; then
+  for cell in fm_vit7_adam fm_vit7_adam_raw255 fm_vit14_adam; do
+    if [ -f "$OUT/${cell}_s34/study.json" ]; then
+      python -m examples.study --merge "$OUT/$cell/study.json" "$OUT/${cell}_s34/study.json" \
+        --out "$OUT/${cell}_5seeds"
+    fi
+  done
+fi

@@ -149,9 +149,12 @@ def test_every_command_of_the_example_scripts_parses(script, tmp_path):
     (bin_dir / 'python').write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" > $(mktemp {calls}/XXXXXX)\n')
     (bin_dir / 'python').chmod(0o755)
     env = {**os.environ, 'PATH': f'{bin_dir}:{os.environ["PATH"]}', 'DATA': str(tmp_path)}
-    env.update(OUT=str(tmp_path / 'runs'), SEEDS='0 1', STAGE='1')
+    env.update(OUT=str(tmp_path / 'runs'), SEEDS='0 1')
     root = pathlib.Path(__file__).parent.parent
-    subprocess.run(['bash', str(root / 'examples' / script)], check=True, env=env, cwd=root)
+    for stage in ('1', '2'):  # study_grid.sh's stages; the other scripts have none
+        subprocess.run(
+            ['bash', str(root / 'examples' / script)], check=True, env={**env, 'STAGE': stage}
+        )
     commands = [f.read_text().split('\0')[:-1] for f in calls.iterdir()]
     assert len(commands) >= 4
     parsers = {'examples.train': train.build_parser(), 'examples.study': study.build_parser()}
