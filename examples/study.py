@@ -434,7 +434,8 @@ def merge(paths: list[pathlib.Path], out: pathlib.Path) -> dict:
     """One study from several runs of the same setting with different seeds (each seed's
     result does not depend on which seeds trained beside it)."""
     reports = [json.loads(pathlib.Path(p).read_text()) for p in paths]
-    setting = [{k: v for k, v in r['args'].items() if k not in ('seeds', 'out')} for r in reports]
+    how = ('seeds', 'out', 'merge', 'loop')  # how a study ran, not what it measured
+    setting = [{k: v for k, v in r['args'].items() if k not in how} for r in reports]
     if any(s != setting[0] for s in setting):
         raise ValueError('--merge: the studies differ in more than their seeds and --out')
     args = argparse.Namespace(**reports[0]['args'])
