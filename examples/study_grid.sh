@@ -51,6 +51,12 @@ if [ "$STAGE" = 2 ]; then
   run fm_vit7_sgdadam_f01_raw255 "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.01 --standardize raw255
   run fm_vit7_sgdadam_f1_raw255  "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.1 --standardize raw255
 fi
+if [ "$STAGE" = 3 ]; then
+  # Why TrAct trails plain Adam on [0, 255] pixels: λ is tiny next to XᵀX/b there (pixel
+  # scale 255² ≈ 65025), so TrAct nearly whitens the input; λ = 6500 is λ = 0.1 in [0, 1] units
+  run fm_vit7_adam_raw255_biglams "${fm[@]}" "${vit[@]}" --patch 7 --optimizer adam --lr 1e-3 \
+      --standardize raw255 --budgets 1 2 --lams 0.1 10 1000 6500
+fi
 if [ "$STAGE" = merge ]; then
   for cell in fm_vit7_adam fm_vit7_adam_raw255 fm_vit14_adam; do
     if [ -f "$OUT/${cell}_s34/study.json" ]; then
