@@ -39,7 +39,10 @@ MODELS = {
     'vit_tiny4_cifar': (lambda: models.vit_tiny(4, 10), 32, 32, 128, 10),
     'resnet50_imagenet': (lambda: models.resnet50(1000), 224, 4, 128, 1000),
     'vit_s16_imagenet': (lambda: models.vit_small(16, 1000), 224, 8, 128, 1000),
+    # a model small enough to compile in seconds, for the scripts' smoke tests; no torch twin
+    'smoke_cnn': (lambda: models.SmallCNN(10, width=8), 16, 4, 4, 10),
 }
+MEASURED = [name for name in MODELS if name != 'smoke_cnn']
 
 
 def _analysis(compiled) -> dict[str, float]:
@@ -200,13 +203,15 @@ def _plot(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
+    parser.add_argument('--models', nargs='+', default=MEASURED, choices=list(MODELS))
     parser.add_argument('--pairs', type=int, default=30)
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--batch', type=int, default=None, help='override every batch size')
     parser.add_argument('--no-torch', action='store_true')
     parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if 'smoke_cnn' in args.models and not args.no_torch:
+        parser.error('smoke_cnn has no PyTorch twin: pass --no-torch with it')
 
     backend = jax.default_backend()
     rows = []

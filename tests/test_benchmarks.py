@@ -11,18 +11,18 @@ from benchmarks import micro, overhead, profile
 
 def test_overhead_writes_json_markdown_and_chart(tmp_path):
     overhead.main(
-        ['--models', 'vit_tiny4_cifar', '--pairs', '2', '--warmup', '0', '--batch', '2',
+        ['--models', 'smoke_cnn', '--pairs', '2', '--warmup', '0', '--batch', '2',
          '--no-torch', '--out', str(tmp_path)]
     )  # fmt: skip
     row = json.loads((tmp_path / 'overhead.json').read_text())['rows'][0]
-    assert row['model'] == 'vit_tiny4_cifar' and row['jax']['pairs'] == 2
+    assert row['model'] == 'smoke_cnn' and row['jax']['pairs'] == 2
     assert row['jax']['extra_flops_pct'] > 0  # TrAct's statistic and solve are counted
-    assert '| vit_tiny4_cifar | 2 |' in (tmp_path / 'overhead.md').read_text()
+    assert '| smoke_cnn | 2 |' in (tmp_path / 'overhead.md').read_text()
     assert (tmp_path / 'overhead.png').stat().st_size > 0
 
 
 def test_profile_lists_the_ops_only_tract_runs(tmp_path, capsys):
-    profile.main(['--model', 'vit_tiny4_cifar', '--steps', '1', '--out', str(tmp_path)])
+    profile.main(['--model', 'smoke_cnn', '--steps', '1', '--out', str(tmp_path)])
     out = capsys.readouterr().out
     assert '| op only in the TrAct step |' in out
     assert 'while' in out  # the Cholesky leaf loop of the CPU solve
