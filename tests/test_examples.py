@@ -9,19 +9,8 @@ from examples import data, train
 
 def test_train_runs_both_arms_on_digits(tmp_path):
     report = train.main(
-        [
-            '--epochs',
-            '2',
-            '--max-steps-per-epoch',
-            '5',
-            '--model',
-            'vit_tiny',
-            '--patch',
-            '4',
-            '--out',
-            str(tmp_path),
-        ]
-    )
+        ['--epochs', '2', '--max-steps-per-epoch', '5', '--out', str(tmp_path)]
+    )  # fmt: skip
     assert set(report['runs']) == {'baseline', 'tract'}
     saved = json.loads((tmp_path / 'results.json').read_text())
     assert len(saved['runs']['tract']['0']) == 2
@@ -93,6 +82,22 @@ def test_study_arms_equal_the_train_example_and_seeds_train_independently(tmp_pa
     for name in ('study.json', 'study.md', 'study.png'):
         assert (tmp_path / name).stat().st_size > 0
     assert '| 1 |' in (tmp_path / 'study.md').read_text()
+
+
+def test_study_scan_over_vmapped_seeds_equals_a_step_per_seed(tmp_path):
+    """The ViTs' loop (seeds vmapped, a lax.scan over batches) trains each seed as the
+    CNNs' loop (a jitted step per seed and batch) does, which the test above ties to
+    the train example."""
+    from examples import study
+
+    common = ['--dataset', 'digits', '--train-size', '320', '--model', 'vit', '--patch', '4']
+    common += ['--budgets', '1']
+    common += ['--batch-size', '64', '--lams', '0.1']
+    scan = study.main([*common, '--loop', 'scan', '--seeds', '0', '1', '--out', str(tmp_path)])
+    step = study.main([*common, '--loop', 'python', '--seeds', '1', '--out', str(tmp_path)])
+    for arm in ('plain', 'TrAct λ=0.1'):
+        loss = scan['runs'][arm][1]['final_loss'][1]
+        assert loss == pytest.approx(step['runs'][arm][1]['final_loss'][0], rel=1e-4)
 
 
 def test_study_paired_interval_and_speedup():
