@@ -1,6 +1,6 @@
 """Train a vision model twice, plain and with TrAct, and compare.
 
-    python examples/train.py                      # digits, small CNN, Adam: about a minute on CPU
+    python examples/train.py                      # digits, small CNN, Adam, 3 seeds
     python -m examples.train --dataset fashion_mnist --model vit_tiny --patch 4 --epochs 5
     python -m examples.train --dataset cifar10 --data-dir ~/data --model resnet18 \\
         --optimizer sgd --lr 0.08 --epochs 100 --batch-size 128
@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--lam', type=float, default=0.1, help="TrAct's λ")
     parser.add_argument('--epochs', type=int, default=10)
     parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--seeds', type=int, nargs='+', default=[0])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--augment', action='store_true', help='random crop + flip (CIFAR)')
     parser.add_argument(
         '--runs', nargs='+', default=['baseline', 'tract'], choices=('baseline', 'tract')

@@ -9,7 +9,7 @@ from examples import data, train
 
 def test_train_runs_both_arms_on_digits(tmp_path):
     report = train.main(
-        ['--epochs', '2', '--max-steps-per-epoch', '5', '--out', str(tmp_path)]
+        ['--epochs', '2', '--max-steps-per-epoch', '5', '--seeds', '0', '--out', str(tmp_path)]
     )  # fmt: skip
     assert set(report['runs']) == {'baseline', 'tract'}
     saved = json.loads((tmp_path / 'results.json').read_text())
@@ -20,7 +20,8 @@ def test_train_runs_both_arms_on_digits(tmp_path):
 
 def test_tract_arm_trains_the_first_layer_differently(tmp_path):
     """Same init and batches (same seed), yet the TrAct arm's first layer moves differently."""
-    report = train.main(['--epochs', '1', '--max-steps-per-epoch', '3', '--out', str(tmp_path)])
+    argv = ['--epochs', '1', '--max-steps-per-epoch', '3', '--seeds', '0', '--out', str(tmp_path)]
+    report = train.main(argv)
     base, tract = report['runs']['baseline']['0'][0], report['runs']['tract']['0'][0]
     assert base['loss'] != tract['loss']  # the first layer really is trained differently
 
