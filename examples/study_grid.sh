@@ -57,6 +57,11 @@ if [ "$STAGE" = 3 ]; then
   run fm_vit7_adam_raw255_biglams "${fm[@]}" "${vit[@]}" --patch 7 --optimizer adam --lr 1e-3 \
       --standardize raw255 --budgets 1 2 --lams 0.1 10 1000 6500
 fi
+if [ "$STAGE" = 4 ]; then
+  # the λ sweep again where stages 1-2 found the largest gain: the first layer by SGD (lr 0.1)
+  run fm_vit7_sgdadam_f1_lams "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd_adam --lr 1e-3 \
+      --first-lr 0.1 --budgets 1 2 --lams 0.025 0.05 0.1 0.2 0.4
+fi
 if [ "$STAGE" = merge ]; then
   for cell in fm_vit7_adam fm_vit7_adam_raw255 fm_vit14_adam; do
     if [ -f "$OUT/${cell}_s34/study.json" ]; then
