@@ -62,8 +62,18 @@ if [ "$STAGE" = 4 ]; then
   run fm_vit7_sgdadam_f1_lams "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd_adam --lr 1e-3 \
       --first-lr 0.1 --budgets 1 2 --lams 0.025 0.05 0.1 0.2 0.4
 fi
+if [ "$STAGE" = 5 ]; then
+  # seeds 3 and 4 for the remaining cells whose differences were within two standard errors
+  more=(--seeds 3 4)
+  run fm_vit7_sgdadam_f1_s34  "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.1 "${more[@]}"
+  run fm_vit7_sgdadam_f01_s34 "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.01 "${more[@]}"
+  run fm_vit7_sgd_s34         "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd --lr 0.03 "${more[@]}"
+  run fm_cnnnn_adam_s34        "${fm[@]}" --model cnn_nonorm --optimizer adam --lr 1e-3 "${more[@]}"
+  run fm_cnnnn_adam_raw255_s34 "${fm[@]}" --model cnn_nonorm --optimizer adam --lr 1e-3 --standardize raw255 "${more[@]}"
+fi
 if [ "$STAGE" = merge ]; then
-  for cell in fm_vit7_adam fm_vit7_adam_raw255 fm_vit14_adam; do
+  for cell in fm_vit7_adam fm_vit7_adam_raw255 fm_vit14_adam fm_vit7_sgdadam_f1 \
+      fm_vit7_sgdadam_f01 fm_vit7_sgd fm_cnnnn_adam fm_cnnnn_adam_raw255; do
     if [ -f "$OUT/${cell}_s34/study.json" ]; then
       python -m examples.study --merge "$OUT/$cell/study.json" "$OUT/${cell}_s34/study.json" \
         --out "$OUT/${cell}_5seeds"
