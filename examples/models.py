@@ -173,3 +173,20 @@ def vit_small(patch: int = 16, num_classes: int = 1000) -> ViT:
 
 def vit_base(patch: int = 16, num_classes: int = 1000) -> ViT:
     return ViT(patch=patch, dim=768, depth=12, heads=12, num_classes=num_classes)
+
+
+BUILDERS = {
+    'cnn': lambda patch, classes: SmallCNN(classes),
+    'cnn_nonorm': lambda patch, classes: SmallCNN(classes, stem_norm=False),
+    'resnet18': lambda patch, classes: resnet18(classes),
+    'vit': vit_mini,  # the study's ViT
+    'vit_tiny': vit_tiny,
+    'vit_cifar': vit_cifar,
+}
+
+
+def build(name: str, num_classes: int, patch: int) -> nn.Module:
+    """The example model ``name`` (a key of ``BUILDERS``); ``patch`` is used by the ViTs."""
+    if name not in BUILDERS:
+        raise ValueError(f'unknown model {name!r}; choose from {", ".join(BUILDERS)}')
+    return BUILDERS[name](patch, num_classes)

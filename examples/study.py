@@ -41,22 +41,10 @@ import optax
 if __package__ in (None, ''):  # run as a script: make `examples` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tract_jax
-from examples import data, models
+from examples import data, models, steps
 
 MODELS = ('cnn', 'cnn_nonorm', 'vit', 'vit_cifar')
 OPTIMIZERS = ('adam', 'sgd', 'sgd_adam')
-
-
-def build_model(name: str, num_classes: int, patch: int):
-    if name == 'cnn':
-        return models.SmallCNN(num_classes)
-    if name == 'cnn_nonorm':
-        return models.SmallCNN(num_classes, stem_norm=False)
-    if name == 'vit':
-        return models.vit_mini(patch, num_classes)
-    if name == 'vit_cifar':
-        return models.vit_cifar(patch, num_classes)
-    raise ValueError(f'unknown model {name!r}; choose from {", ".join(MODELS)}')
 
 
 def cosine(peak: float, total_steps: jax.Array):
@@ -99,28 +87,14 @@ class Arm:
     slower per seed (measured on a SmallCNN step here), so CNNs take this loop.
     """
 
-    def __init__(self, args, model, num_classes: int, lam: float | None):
+    def __init__(self, args, model, lam: float | None):
         self.lam = lam
-        use_tract = lam is not None
-        mutable = ['batch_stats', 'tract'] if use_tract else ['batch_stats']
-
-        def loss_fn(params, batch_stats, x, y):
-            logits, state = model.apply(
-                {'params': params, 'batch_stats': batch_stats}, x, train=True, mutable=mutable
-            )
-            targets = optax.smooth_labels(jax.nn.one_hot(y, num_classes), args.label_smoothing)
-            return optax.softmax_cross_entropy(logits, targets).mean(), state
+        train_step = steps.train_step(model, lam is not None, args.label_smoothing)
 
         def one_seed_step(carry, idx, images, labels, total_steps):
-            params, batch_stats, opt_state = carry
-            (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                params, batch_stats, images[idx], labels[idx]
-            )
-            extra = {'tract_stats': state['tract']} if use_tract else {}
             tx = make_optimizer(args, total_steps, lam)
-            updates, opt_state = tx.update(grads, opt_state, params, **extra)
-            params = optax.apply_updates(params, updates)
-            return (params, state.get('batch_stats', batch_stats), opt_state), loss
+            *carry, loss = train_step(tx, *carry, images[idx], labels[idx])
+            return tuple(carry), loss
 
         def one_seed_epoch(carry, order, images, labels, total_steps):
             carry, losses = jax.lax.scan(
@@ -396,14 +370,14 @@ def main(argv: list[str] | None = None) -> dict:
     if len(train.labels) < args.batch_size:
         parser.error(f'--batch-size {args.batch_size} exceeds the {len(train.labels)} images')
     num_classes = int(max(train.labels.max(), test.labels.max()) + 1)
-    model = build_model(args.model, num_classes, args.patch)
+    model = models.build(args.model, num_classes, args.patch)
     print(f'{describe(args)}; budgets {budgets}; seeds {args.seeds}', flush=True)
 
     start = time.perf_counter()
     runs = {}
     for lam in [None, *args.lams]:
         label = 'plain' if lam is None else f'TrAct λ={lam:g}'
-        runs[label] = run_arm(Arm(args, model, num_classes, lam), args, train, test, budgets, label)
+        runs[label] = run_arm(Arm(args, model, lam), args, train, test, budgets, label)
     return write(args, runs, budgets, time.perf_counter() - start)
 
 

@@ -33,18 +33,6 @@ from examples import data, models, steps
 MODELS = ('cnn', 'resnet18', 'vit_tiny', 'vit_cifar')
 
 
-def build_model(name: str, num_classes: int, patch: int):
-    if name == 'cnn':
-        return models.SmallCNN(num_classes)
-    if name == 'resnet18':
-        return models.resnet18(num_classes)
-    if name == 'vit_tiny':
-        return models.vit_tiny(patch, num_classes)
-    if name == 'vit_cifar':
-        return models.vit_cifar(patch, num_classes)
-    raise ValueError(f'unknown model {name!r}; choose from {", ".join(MODELS)}')
-
-
 def augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The paper's CIFAR augmentation: random crop with 4 pixels of zero padding, flip."""
     n, h, w, _ = images.shape
@@ -81,7 +69,7 @@ def train_one(args, train: data.Split, test: data.Split, lam: float | None, seed
     from tqdm import tqdm
 
     num_classes = int(max(train.labels.max(), test.labels.max()) + 1)
-    model = build_model(args.model, num_classes, args.patch)
+    model = models.build(args.model, num_classes, args.patch)
     variables = model.init(jax.random.key(seed), train.images[:1], train=False)
     params, batch_stats = variables['params'], variables.get('batch_stats', {})
     steps_per_epoch = len(train.labels) // args.batch_size
