@@ -2,17 +2,20 @@
 
     python -m benchmarks.micro       # writes benchmarks/results/micro.md
 
-Times each jitted piece (median of many runs, after warm-up) for the first layers of
-the benchmark models, next to the first layer's own forward conv, so that a change
-to one piece can be judged in isolation: the conv statistic's Gram by each
+Times each jitted piece for the first layers of the benchmark models, next to the
+first layer's own forward conv, so that a change to one piece can be judged in
+isolation. The pieces are called in turn, round after round (after a warm-up call
+each), and ratios and differences are taken within a round and reported as medians
+over rounds, so that a shared machine's drift cancels: the conv statistic's Gram by each
 formulation (the patches' ``XᵀX``, or by shifts; which one ``'auto'`` picks), alone
 and beside other work, and the solve. The whole-step figures that matter to users
 come from ``benchmarks/overhead.py``.
 
 The solve is timed twice more, as shipped (XLA operations on CPU) and through
 LAPACK (``cho_solve``, what GPU/TPU use), each *next to* an independent 1536x1536
-matmul in the same jitted function: the extra time over the matmul alone is what
-the solve costs when XLA runs other work of a training step beside it.
+matmul in the same jitted function: the extra time over the matmul alone (in the
+same round) is what the solve costs when XLA runs other work of a training step
+beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import math
 import pathlib
 import platform
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,25 +46,41 @@ LAYERS = {
 }
 
 
-def _time(fn, *args, runs: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
+Call = tuple[Callable[..., Any], tuple[Any, ...]]
+
+
+def _interleaved(calls: dict[str, Call], runs: int) -> dict[str, np.ndarray]:
+    """Times of each ``fn(*args)`` in ``runs`` rounds, taken in turn within a round.
+
+    Taking the pieces in turn (after one warm-up call each) gives every round the same
+    machine: ratios and differences are then taken within a round, which cancels most
+    of a shared machine's drift, and reported as medians over rounds.
+    """
+    for fn, args in calls.values():
         jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    times = {name: [] for name in calls}
+    for _ in range(runs):
+        for name, (fn, args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return {name: np.asarray(t) for name, t in times.items()}
 
 
-def _time_beside(fn, work, *args, runs: int) -> float:
-    """``_time`` of ``fn(*args)`` jitted together with the independent ``work @ work``."""
-    both = jax.jit(lambda w, *a: (fn(*a), w @ w))
-    return _time(both, work, *args, runs=runs)
+def _beside(fn: Callable[..., Any], work: jax.Array, *args: Any) -> Call:
+    """``fn(*args)`` jitted together with the independent ``work @ work``."""
+    return jax.jit(lambda w, *a: (fn(*a), w @ w)), (work, *args)
+
+
+def _ratio(times: dict[str, np.ndarray], num: str, den: str) -> str:
+    """The median over rounds of ``num / den``, with its interquartile range."""
+    q1, median, q3 = np.percentile(times[num] / times[den], [25, 50, 75])
+    return f'{median:.2f}x ({q1:.2f}-{q3:.2f})'
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--runs', type=int, default=30)
+    parser.add_argument('--runs', type=int, default=30, help='rounds')
     parser.add_argument('--layers', nargs='+', default=list(LAYERS), choices=list(LAYERS))
     parser.add_argument(
         '--out', type=pathlib.Path, default=pathlib.Path(__file__).parent / 'results'
@@ -68,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         f'Measured {datetime.date.today().isoformat()} on {platform.machine()} '
         f'({jax.default_backend()}, jax {jax.__version__}), `python -m benchmarks.micro`; '
-        'medians of jitted calls in ms.',
+        'medians over rounds of jitted calls in ms, the pieces called in turn within each '
+        'round; "beside work" and the ratio are taken within a round.',
         '',
     ]
 
@@ -91,58 +113,63 @@ def main(argv: list[str] | None = None) -> None:
             method: jax.jit(
                 lambda x, g=geometry, m=method: statistics.geometry_statistic(x, g, method=m)
             )
-            for method in ('patches', 'shifts', 'auto')
+            for method in ('patches', 'shifts')
         }
         chosen = statistics.chosen_method(shape, geometry)
-        stat = by['auto'](x)
+        stat = by[chosen](x)
         n = math.prod(kernel) * shape[-1]
         grad = jnp.ones((*kernel, shape[-1], features))
         shipped = jax.jit(tract_jax.tract_solve)
         matrix = stat.gram / stat.count + 0.1 * jnp.eye(n)
         rhs = grad.reshape(n, features)
         lapack = jax.jit(solve._native_cholesky_solve)
-        matmul_ms = _time(matmul, work, runs=args.runs)  # once per layer, near its pairs
-        conv_ms = _time(conv, params, x, runs=args.runs)
+        t = _interleaved(
+            {
+                'conv': (conv, (params, x)),
+                'unfold': (unfold, (x,)),
+                **{method: (fn, (x,)) for method, fn in by.items()},
+                'work': (matmul, (work,)),
+                **{f'{m} + work': _beside(fn, work, x) for m, fn in by.items()},
+                'solve': (shipped, (stat, grad, 0.1)),
+                'solve + work': _beside(tract_jax.tract_solve, work, stat, grad, 0.1),
+                'lapack': (lapack, (matrix, rhs)),
+                'lapack + work': _beside(solve._native_cholesky_solve, work, matrix, rhs),
+            },
+            runs=args.runs,
+        )
 
-        def beside(fn, *fn_args, alone_ms=matmul_ms):
-            return _time_beside(fn, work, *fn_args, runs=args.runs) - alone_ms
+        def median(name, t=t):
+            return float(np.median(t[name]))
 
-        gram = {m: _time(fn, x, runs=args.runs) for m, fn in by.items() if m != 'auto'}
+        def beside(name, t=t):
+            return float(np.median(t[f'{name} + work'] - t['work']))
+
         statistic_rows.append(
             [
                 name,
                 n,
                 int(stat.count),
-                conv_ms,
-                _time(unfold, x, runs=args.runs),
-                gram['patches'],
-                gram['shifts'],
-                beside(by['patches'], x),
-                beside(by['shifts'], x),
+                *(median(k) for k in ('conv', 'unfold', 'patches', 'shifts')),
+                beside('patches'),
+                beside('shifts'),
                 chosen,
-                gram[chosen] / conv_ms,
+                _ratio(t, chosen, 'conv'),
             ]
         )
         solve_rows.append(
-            [
-                name,
-                n,
-                _time(shipped, stat, grad, 0.1, runs=args.runs),
-                beside(tract_jax.tract_solve, stat, grad, 0.1),
-                _time(lapack, matrix, rhs, runs=args.runs),
-                beside(solve._native_cholesky_solve, matrix, rhs),
-            ]
+            [name, n, median('solve'), beside('solve'), median('lapack'), beside('lapack')]
         )
         print(statistic_rows[-1], solve_rows[-1], flush=True)
 
     emit(
         '| layer | n | rows | conv fwd ms | unfold ms | Gram by patches ms | Gram by shifts ms '
-        '| patches beside work ms | shifts beside work ms | auto picks | picked / conv fwd |'
+        '| patches beside work ms | shifts beside work ms | auto picks '
+        '| picked / conv fwd (IQR) |'
     )
     emit('|---|---|---|---|---|---|---|---|---|---|---|')
     for name, n, rows, *ms, chosen, ratio in statistic_rows:
         cells = ' | '.join(f'{v:.2f}' for v in ms)
-        emit(f'| {name} | {n} | {rows} | {cells} | {chosen} | {ratio:.2f}x |')
+        emit(f'| {name} | {n} | {rows} | {cells} | {chosen} | {ratio} |')
     emit('')
     emit(
         '| layer | n | solve ms | solve beside work ms | LAPACK solve ms '
