@@ -85,12 +85,16 @@ def test_study_arms_equal_the_train_example_and_seeds_train_independently(tmp_pa
     assert '| 1 |' in (tmp_path / 'study.md').read_text()
 
 
-def test_study_scan_over_vmapped_seeds_equals_a_step_per_seed(tmp_path):
+def test_study_scan_over_vmapped_seeds_equals_a_step_per_seed(tmp_path, monkeypatch):
     """The ViTs' loop (seeds vmapped, a lax.scan over batches) trains each seed as the
     CNNs' loop (a jitted step per seed and batch) does, which the test above ties to
-    the train example."""
-    from examples import study
+    the train example. On a one-block ViT: the loops, not the depth, are under test,
+    and compiling the study's four blocks four times was most of this test's time."""
+    from examples import models, study
 
+    monkeypatch.setitem(
+        models.BUILDERS, 'vit', lambda patch, classes: models.ViT(patch, 16, 1, 2, classes)
+    )
     common = ['--dataset', 'digits', '--train-size', '320', '--model', 'vit', '--patch', '4']
     common += ['--budgets', '1']
     common += ['--batch-size', '64', '--lams', '0.1']
