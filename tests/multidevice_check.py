@@ -46,6 +46,7 @@ def loss_and_stats(model, params, x, y):
     return loss, state['tract']
 
 
+@functools.partial(jax.jit, static_argnums=0)  # one compile, not one per operation
 def reference(model, params, x, y):
     grads, stats = jax.grad(functools.partial(loss_and_stats, model), has_aux=True)(params, x, y)
     tx = tract_jax.tract(0.1)
@@ -64,7 +65,7 @@ def problem(stem, batch):
     x = jnp.asarray(rng.normal(size=shape) * 2 + 0.5)
     y = jnp.asarray(rng.integers(0, 4, batch))
     model = Net(stem)
-    params = model.init(jax.random.key(0), x)['params']
+    params = jax.jit(model.init)(jax.random.key(0), x)['params']
     return model, params, x, y
 
 
@@ -102,7 +103,7 @@ def explicit_sharding():
     """jax.make_mesh's default axis type: the recorded statistics are still global."""
     for stem, batch in (('conv', 16), ('dense', 16), ('dense', 32)):
         model, params, x, y = problem(stem, batch)
-        _, want = loss_and_stats(model, params, x, y)
+        _, want = jax.jit(loss_and_stats, static_argnums=0)(model, params, x, y)
         mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Explicit,))
         xs = jax.device_put(x, NamedSharding(mesh, P('data')))
         with jax.sharding.set_mesh(mesh):

@@ -90,7 +90,7 @@ def test_float32_breakdown_gives_a_bounded_finite_update():
     rng = np.random.default_rng(0)
     smooth = np.cumsum(np.cumsum(rng.normal(size=(8, 256, 256, 3)), 1), 2)
     smooth = 255 * (smooth - smooth.min()) / (smooth.max() - smooth.min())
-    stat = statistics.geometry_statistic(
+    stat = jax.jit(statistics.geometry_statistic, static_argnums=1)(
         jnp.asarray(smooth, jnp.float32), statistics.ConvGeometry((16, 16), 16, 'VALID')
     )
     g = jnp.asarray(rng.normal(size=(768, 4)), jnp.float32)
@@ -99,7 +99,7 @@ def test_float32_breakdown_gives_a_bounded_finite_update():
         # Both the solve tract_solve runs on this platform and LAPACK's break down here,
         # so the fallback is what is under test.
         assert not np.all(np.isfinite(jax.jit(cholesky)(a, g)))
-    new = tract_jax.tract_solve(stat, g, 0.1)
+    new = jax.jit(tract_jax.tract_solve)(stat, g, 0.1)
     assert np.all(np.isfinite(new))
     assert jnp.linalg.norm(new) <= jnp.linalg.norm(g) / 0.1 * 1.001
 

@@ -61,15 +61,20 @@ def test_conv_update_is_the_closed_form(x64, config):
         kernel_dilation=c['kernel_dilation'],
         param_dtype=jnp.float64,
     )
-    params = layer.init(jax.random.key(1), x)['params']
 
-    def loss_fn(p):
-        y, state = layer.apply({'params': p}, x, mutable=['tract'])
-        return jnp.sum(jnp.sin(y)), state['tract']
+    @jax.jit  # one compile per example instead of one per operation
+    def grads_and_update(x):
+        params = layer.init(jax.random.key(1), x)['params']
 
-    grads, stats = jax.grad(loss_fn, has_aux=True)(params)
-    tx = tract_jax.tract(c['lam'])
-    updates, _ = tx.update(grads, tx.init(params), tract_stats=stats)
+        def loss_fn(p):
+            y, state = layer.apply({'params': p}, x, mutable=['tract'])
+            return jnp.sum(jnp.sin(y)), state['tract']
+
+        grads, stats = jax.grad(loss_fn, has_aux=True)(params)
+        tx = tract_jax.tract(c['lam'])
+        return grads, tx.update(grads, tx.init(params), tract_stats=stats)[0]
+
+    grads, updates = grads_and_update(x)
     patches = unfold(
         x,
         c['kernel_size'],
@@ -89,8 +94,16 @@ def test_conv_update_is_the_closed_form(x64, config):
 def test_gram_and_woodbury_agree(x64, rows, n, m, lam):
     x = jax.random.normal(jax.random.key(rows * 100 + n), (rows, n), jnp.float64)
     g = jax.random.normal(jax.random.key(7), (n, m), jnp.float64)
-    woodbury = tract_jax.tract_solve(tract_jax.RowStatistic(x), g, lam)
-    gram = tract_jax.tract_solve(statistics.to_gram(tract_jax.RowStatistic(x)), g, lam)
+
+    @jax.jit  # one compile per example instead of one per operation
+    def both(x, g):
+        stat = tract_jax.RowStatistic(x)
+        return (
+            tract_jax.tract_solve(stat, g, lam),
+            tract_jax.tract_solve(statistics.to_gram(stat), g, lam),
+        )
+
+    woodbury, gram = both(x, g)
     np.testing.assert_allclose(woodbury, gram, rtol=1e-8, atol=1e-12 / lam)
 
 
