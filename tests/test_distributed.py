@@ -31,6 +31,10 @@ CHECKS = [
 
 def _run(script, *args):
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+    # The scripts set their own device count; keep the suite's compile flags (conftest.py).
+    env['XLA_FLAGS'] = ' '.join(
+        flag for flag in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in flag
+    )
     env['PYTHONPATH'] = os.pathsep.join([str(HERE.parent), env.get('PYTHONPATH', '')])
     return subprocess.run(
         [sys.executable, str(script), *args],

@@ -170,7 +170,10 @@ def test_traced_lambda_not_above_zero_passes_the_plain_gradient_and_is_counted()
     tx = tract_jax.tract(optax.linear_schedule(0.1, -0.1, 2))  # λ = 0.1, 0, -0.1, -0.1
     step = jax.jit(lambda state: tx.update(grads, state, tract_stats=stats))
     updates, state = step(tx.init(PARAMS))
-    chex.assert_trees_all_close(updates['stem']['kernel'], _expected_stem(grads, stats, 0.1))
+    # float32, a jitted solve with a traced λ against an eager one: rounding differs.
+    chex.assert_trees_all_close(
+        updates['stem']['kernel'], _expected_stem(grads, stats, 0.1), rtol=1e-5
+    )
     for fallbacks in (1, 2):
         updates, state = step(state)
         chex.assert_trees_all_equal(updates, grads)
