@@ -49,7 +49,7 @@ LAYERS = {
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
-def _interleaved(calls: dict[str, Call], runs: int) -> dict[str, np.ndarray]:
+def interleaved(calls: dict[str, Call], runs: int) -> dict[str, np.ndarray]:
     """Times of each ``fn(*args)`` in ``runs`` rounds, taken in turn within a round.
 
     Taking the pieces in turn (after one warm-up call each) gives every round the same
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         matrix = stat.gram / stat.count + 0.1 * jnp.eye(n)
         rhs = grad.reshape(n, features)
         lapack = jax.jit(solve._native_cholesky_solve)
-        t = _interleaved(
+        t = interleaved(
             {
                 'conv': (conv, (params, x)),
                 'unfold': (unfold, (x,)),

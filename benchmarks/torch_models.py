@@ -133,3 +133,22 @@ def bench(
         for kind in ('plain', 'tract') if i % 2 == 0 else ('tract', 'plain'):
             times[kind].append(run(kind))
     return times['plain'], times['tract']
+
+
+def first_layer_calls(shape, kernel, strides, padding, features, lam):
+    """``benchmarks/first_layer.py``'s torch calls: a ``Conv2d``'s forward and backward for
+    a fixed output cotangent, plain and as ``TrAct(conv)``; ``shape`` is channels-last."""
+    torch.manual_seed(0)
+    batch, height, width, channels = shape
+    x = torch.randn(batch, channels, height, width)
+    padding = 0 if padding == 'VALID' else padding
+    plain = nn.Conv2d(channels, features, kernel, strides, padding, bias=False)
+    tract = TrAct(copy.deepcopy(plain), l=lam)
+    with torch.no_grad():
+        cotangent = torch.randn_like(plain(x))
+
+    def step(layer):
+        layer.weight.grad = None
+        layer(x).backward(cotangent)
+
+    return {'torch plain': (step, (plain,)), 'torch TrAct': (step, (tract,))}

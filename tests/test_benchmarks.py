@@ -6,7 +6,7 @@ asserted here; these runs are one tiny pair each, only to keep the scripts worki
 
 import json
 
-from benchmarks import micro, overhead, profile
+from benchmarks import first_layer, micro, overhead, profile
 
 
 def test_overhead_writes_json_markdown_and_chart(tmp_path):
@@ -34,3 +34,13 @@ def test_micro_writes_its_table(tmp_path):
     statistic, solve = (line.split('|') for line in lines if '| vit_tiny4 patch embed |' in line)
     assert len(statistic) == 13 and statistic[10].strip() == 'patches'  # what 'auto' picked
     assert len(solve) == 8
+
+
+def test_first_layer_writes_its_table(tmp_path):
+    rows = first_layer.main(
+        ['--runs', '2', '--layers', 'vit_tiny4 patch embed', '--no-torch', '--out', str(tmp_path)]
+    )
+    assert rows[0]['jax']['tract_ms'] > 0 and 'torch' not in rows[0]
+    q1, median, q3 = rows[0]['jax']['extra_ms_quartiles']
+    assert q1 <= median <= q3
+    assert '| vit_tiny4 patch embed |' in (tmp_path / 'first_layer.md').read_text()
