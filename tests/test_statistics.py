@@ -129,6 +129,21 @@ def test_gram_by_shifts_counts_fewer_multiply_adds_in_the_compiled_statistic():
     assert flops('shifts') < 0.4 * flops('patches')
 
 
+@pytest.mark.parametrize(
+    ('n', 'products'),
+    [(767, 1), (768, 4 * 5 // 2), (1000, 5 * 6 // 2), (4000, 8 * 9 // 2)],
+)
+def test_large_gram_is_summed_in_upper_blocks(n, products, x64):
+    """Against numpy's XᵀX, with the number of products the docstring gives."""
+    x = jax.random.normal(jax.random.key(n), (50, n), jnp.float64)
+    expected = np.asarray(x).T @ np.asarray(x)
+    np.testing.assert_allclose(jax.jit(statistics.gram_matrix)(x), expected, atol=1e-12)
+    hlo = jax.jit(statistics.gram_matrix).lower(x).as_text()
+    assert hlo.count('stablehlo.dot_general') == products
+    stat = statistics.to_gram(statistics.RowStatistic(x))  # every Gram statistic's way
+    np.testing.assert_allclose(stat.gram, expected, atol=1e-12)
+
+
 @pytest.mark.parametrize('case', CONV_CASES[::3], ids=str)
 def test_conv_rows_equal_unfolded_patches(case, x64):
     x = jax.random.normal(jax.random.key(2), (1, *case[-1], 3), jnp.float64)

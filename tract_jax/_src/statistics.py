@@ -120,13 +120,40 @@ def from_rows(rows: jax.Array, layout: Layout = 'features_last') -> Statistic:
     return stat if num_rows < n else to_gram(stat)
 
 
+GRAM_BLOCK = 192
+"""Columns per block of a large Gram matrix (see :func:`gram_matrix`)."""
+
+
+def gram_matrix(rows: jax.Array) -> jax.Array:
+    """``XᵀX`` of ``rows``.
+
+    With at least ``4 * GRAM_BLOCK`` columns it is summed in 4 to 8 blocks of columns
+    (about ``GRAM_BLOCK`` each, or more where there are more columns), the blocks on and
+    above the diagonal only (4 blocks: 10 of 16 products, 0.62x the multiply-adds; 8:
+    0.56x) and those below as their exact transposes. Measured on this project's CPU,
+    ViT-S/16's patch embedding (``n = 768``, 1568 rows), alternated with the layer's
+    conv forward: 8.8 ms in 4 blocks and in 8, vs 12.3 ms in one product; 2 blocks gain
+    nothing (11.2 ms), hence the threshold.
+    """
+    n = rows.shape[1]
+    parts = min(n // GRAM_BLOCK, 8)
+    if parts < 4:
+        return jnp.matmul(rows.T, rows, precision=_HIGHEST)
+    edges = [i * n // parts for i in range(parts + 1)]
+    columns = [rows[:, lo:hi] for lo, hi in itertools.pairwise(edges)]
+    blocks = {}
+    for i, j in itertools.combinations_with_replacement(range(parts), 2):
+        blocks[i, j] = jnp.matmul(columns[i].T, columns[j], precision=_HIGHEST)
+        blocks[j, i] = blocks[i, j].T
+    return jnp.block([[blocks[i, j] for j in range(parts)] for i in range(parts)])
+
+
 def to_gram(stat: Statistic) -> GramStatistic:
     """The Gram form of any statistic."""
     if isinstance(stat, GramStatistic):
         return stat
     rows = stat.rows
-    gram = jnp.matmul(rows.T, rows, precision=_HIGHEST)
-    return GramStatistic(gram, jnp.asarray(rows.shape[0], rows.dtype), stat.layout)
+    return GramStatistic(gram_matrix(rows), jnp.asarray(rows.shape[0], rows.dtype), stat.layout)
 
 
 def merge(a: Statistic, b: Statistic) -> Statistic:
