@@ -74,19 +74,22 @@ def test_training_step_lowers_for_accelerators(make_step, platform):
     assert 'callback' not in text.lower()
 
 
+STATISTIC_CASES = {  # (input shape, (kernel, strides, padding), method)
+    'shifts, correlated phases (conv)': ((2, 64, 64, 3), ((7, 7), 2, 3), 'shifts'),
+    'shifts, short phases (matmuls)': ((2, 8, 20, 20, 3), ((3, 7, 7), (1, 2, 2), 1), 'shifts'),
+    'patch embedding, Gram in blocks': ((200, 32, 32, 3), ((16, 16), 16, 'VALID'), 'patches'),
+}
+
+
 @pytest.mark.parametrize('platform', ['cuda', 'tpu'])
-@pytest.mark.parametrize(
-    'shape',
-    [(2, 64, 64, 3), (2, 8, 20, 20, 3)],
-    ids=['correlated phases (conv)', 'short phases (matmuls)'],
-)
-def test_gram_by_shifts_lowers_with_float32_precision_everywhere(shape, platform):
+@pytest.mark.parametrize('case', STATISTIC_CASES)
+def test_statistics_lower_with_float32_precision_everywhere(case, platform):
     """On TPU a default-precision product would round its inputs to bfloat16."""
     from tract_jax._src import statistics
 
-    rank = len(shape) - 2
-    geometry = statistics.ConvGeometry((3, 7, 7)[-rank:], (1, 2, 2)[-rank:], (1, 3, 3)[-rank:])
-    fn = jax.jit(lambda x: statistics.geometry_statistic(x, geometry, method='shifts').gram)
+    shape, fields, method = STATISTIC_CASES[case]
+    geometry = statistics.ConvGeometry(*fields)
+    fn = jax.jit(lambda x: statistics.geometry_statistic(x, geometry, method=method).gram)
     text = jax.export.export(fn, platforms=[platform])(jax.ShapeDtypeStruct(shape, jnp.float32))
     text = text.mlir_module()
     products = [
