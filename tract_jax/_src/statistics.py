@@ -141,11 +141,19 @@ def gram_matrix(rows: jax.Array) -> jax.Array:
         return jnp.matmul(rows.T, rows, precision=_HIGHEST)
     edges = [i * n // parts for i in range(parts + 1)]
     columns = [rows[:, lo:hi] for lo, hi in itertools.pairwise(edges)]
-    blocks = {}
-    for i, j in itertools.combinations_with_replacement(range(parts), 2):
-        blocks[i, j] = jnp.matmul(columns[i].T, columns[j], precision=_HIGHEST)
-        blocks[j, i] = blocks[i, j].T
-    return jnp.block([[blocks[i, j] for j in range(parts)] for i in range(parts)])
+    upper = {
+        (i, j): jnp.matmul(columns[i].T, columns[j], precision=_HIGHEST)
+        for i, j in itertools.combinations_with_replacement(range(parts), 2)
+    }
+    return _symmetric_from_upper(upper, parts)
+
+
+def _symmetric_from_upper(upper: dict[tuple[int, int], jax.Array], k: int) -> jax.Array:
+    """The ``k x k`` block matrix whose blocks ``(i, j)``, ``i <= j``, are ``upper``'s and
+    whose blocks below the diagonal are their transposes."""
+    return jnp.block(
+        [[upper[i, j] if i <= j else upper[j, i].T for j in range(k)] for i in range(k)]
+    )
 
 
 def to_gram(stat: Statistic) -> GramStatistic:
@@ -449,9 +457,7 @@ def _gram_by_shifts(x: jax.Array, window: _Window) -> jax.Array:
         if j0 + out0 < length:
             block = block - rows_product(phase, partner_phase, offset, j0 + out0, length)
         blocks[a, b] = block
-        if a != b:
-            blocks[b, a] = block.T
-    return jnp.block([[blocks[a, b] for b in range(k0)] for a in range(k0)])
+    return _symmetric_from_upper(blocks, k0)
 
 
 def _global(fn: Callable[[jax.Array], Statistic], inputs: jax.Array) -> Statistic:
