@@ -126,11 +126,12 @@ def main(argv: list[str] | None = None) -> None:
         matrix = stat.gram / stat.count + 0.1 * jnp.eye(n)
         rhs = grad.reshape(n, features)
         lapack = jax.jit(solve._native_cholesky_solve)
+        grams = {method: (fn, (x,)) for method, fn in by.items()}
         t = interleaved(
             {
                 'conv': (conv, (params, x)),
                 'unfold': (unfold, (x,)),
-                **{method: (fn, (x,)) for method, fn in by.items()},
+                **grams,
                 'work': (matmul, (work,)),
                 **{f'{m} + work': _beside(fn, work, x) for m, fn in by.items()},
                 'solve': (shipped, (stat, grad, 0.1)),
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         # The ratio from the two alone, alternated: right after a large call (the patches,
         # the 1536² matmul) a call runs slower (measured: the ResNet-50 stem's shifts 13.0
         # instead of 11.3 ms after the patches' Gram), so the round above overstates it.
-        pair = interleaved({'conv': (conv, (params, x)), chosen: (by[chosen], (x,))}, args.runs)
+        pair = interleaved({'conv': (conv, (params, x)), chosen: grams[chosen]}, args.runs)
 
         def median(name, t=t):
             return float(np.median(t[name]))
