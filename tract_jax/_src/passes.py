@@ -10,8 +10,8 @@ current trace by following parent traces, which also leads out of ``jax.checkpoi
 / ``nnx.remat`` and ``jit`` inside the differentiated function, so a shared or
 rematerialized stem still belongs to its pass.
 
-This reads JAX's trace context, which is internal; ``tests/test_passes.py`` pins the
-behaviour on the installed JAX so that a change there fails loudly in the suite.
+This reads JAX's trace context, which is internal: ``internals.py`` holds that access
+and ``tests/test_internals.py`` pins it, so that a change there fails loudly.
 """
 
 from __future__ import annotations
@@ -20,19 +20,16 @@ import itertools
 import weakref
 from typing import Any
 
-from jax._src import core as jax_core
-from jax._src.interpreters import ad
-
-_DIFFERENTIATION_TRACES = (ad.JVPTrace, ad.LinearizeTrace)
+from tract_jax._src import internals
 
 
 def current_pass() -> Any | None:
     """The innermost differentiation trace the caller runs under, or ``None``."""
-    trace = jax_core.trace_ctx.trace
+    trace = internals.current_trace()
     while trace is not None:
-        if isinstance(trace, _DIFFERENTIATION_TRACES):
+        if isinstance(trace, internals.DIFFERENTIATION_TRACES):
             return trace
-        trace = getattr(trace, 'parent_trace', None)
+        trace = internals.parent_trace(trace)
     return None
 
 
