@@ -2,7 +2,15 @@
 
 import itertools
 
+import jax
 import numpy as np
+import pytest
+
+cpu_only = pytest.mark.skipif(
+    jax.default_backend() != 'cpu', reason="about the CPU plan's compiled program"
+)
+"""For tests of what XLA:CPU compiles (its cost counts, its ops); other platforms' steps
+are checked by exporting them (test_export.py), and measured by benchmarks/gpu_check.sh."""
 
 
 def same_pads(size, k, stride):
@@ -98,3 +106,23 @@ def linen_train_step(model, tx, capture=()):
         return {**variables, **state, 'params': params}, opt_state
 
     return step
+
+
+# (kernel_size, strides, padding, input_dilation, kernel_dilation, input spatial shape)
+CONV_CASES = [
+    ((3,), (1,), 'SAME', (1,), (1,), (9,)),
+    ((3,), (2,), 'CAUSAL', (1,), (2,), (10,)),
+    ((4,), (3,), 'VALID', (1,), (1,), (11,)),
+    ((3,), (2,), ((2, 1),), (3,), (1,), (7,)),
+    ((2,), (1,), 'CIRCULAR', (1,), (3,), (8,)),
+    ((3, 3), (1, 1), 'SAME', (1, 1), (1, 1), (7, 6)),
+    ((3, 2), (2, 1), 'VALID', (1, 1), (1, 2), (9, 7)),
+    ((4, 4), (2, 2), 'SAME', (1, 1), (1, 1), (8, 7)),
+    ((3, 3), (2, 3), 'CIRCULAR', (1, 1), (2, 1), (9, 8)),
+    ((3, 3), (1, 1), 'REFLECT', (1, 1), (1, 1), (6, 6)),
+    ((2, 3), (1, 2), 2, (1, 1), (1, 1), (5, 6)),
+    ((3, 2), (1, 1), ((1, 2), (0, 1)), (2, 1), (1, 1), (5, 6)),
+    ((3, 3), (2, 2), (1, (2, 0)), (1, 1), (2, 1), (9, 9)),
+    ((2, 2, 2), (1, 2, 1), 'SAME', (1, 1, 1), (1, 1, 1), (4, 5, 3)),
+    ((3, 1, 2), (2, 1, 1), 'VALID', (1, 1, 1), (1, 1, 2), (6, 3, 5)),
+]

@@ -35,6 +35,7 @@ def _run(script, *args):
     env['XLA_FLAGS'] = ' '.join(
         flag for flag in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in flag
     )
+    env['JAX_PLATFORMS'] = 'cpu'  # 8 simulated CPU devices, also where a GPU is present
     env['PYTHONPATH'] = os.pathsep.join([str(HERE.parent), env.get('PYTHONPATH', '')])
     return subprocess.run(
         [sys.executable, str(script), *args],

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import tract_jax
-from tract_jax._src import statistics
+from tract_jax._src import statistic
 
 SETTINGS = settings(
     max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -100,7 +100,7 @@ def test_gram_and_woodbury_agree(x64, rows, n, m, lam):
         stat = tract_jax.RowStatistic(x)
         return (
             tract_jax.tract_solve(stat, g, lam),
-            tract_jax.tract_solve(statistics.to_gram(stat), g, lam),
+            tract_jax.tract_solve(statistic.to_gram(stat), g, lam),
         )
 
     woodbury, gram = both(x, g)

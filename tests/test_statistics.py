@@ -5,29 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import unfold
+from helpers import CONV_CASES, unfold
 
 import tract_jax
-from tract_jax._src import statistics
-
-# (kernel_size, strides, padding, input_dilation, kernel_dilation, input spatial shape)
-CONV_CASES = [
-    ((3,), (1,), 'SAME', (1,), (1,), (9,)),
-    ((3,), (2,), 'CAUSAL', (1,), (2,), (10,)),
-    ((4,), (3,), 'VALID', (1,), (1,), (11,)),
-    ((3,), (2,), ((2, 1),), (3,), (1,), (7,)),
-    ((2,), (1,), 'CIRCULAR', (1,), (3,), (8,)),
-    ((3, 3), (1, 1), 'SAME', (1, 1), (1, 1), (7, 6)),
-    ((3, 2), (2, 1), 'VALID', (1, 1), (1, 2), (9, 7)),
-    ((4, 4), (2, 2), 'SAME', (1, 1), (1, 1), (8, 7)),
-    ((3, 3), (2, 3), 'CIRCULAR', (1, 1), (2, 1), (9, 8)),
-    ((3, 3), (1, 1), 'REFLECT', (1, 1), (1, 1), (6, 6)),
-    ((2, 3), (1, 2), 2, (1, 1), (1, 1), (5, 6)),
-    ((3, 2), (1, 1), ((1, 2), (0, 1)), (2, 1), (1, 1), (5, 6)),
-    ((3, 3), (2, 2), (1, (2, 0)), (1, 1), (2, 1), (9, 9)),
-    ((2, 2, 2), (1, 2, 1), 'SAME', (1, 1, 1), (1, 1, 1), (4, 5, 3)),
-    ((3, 1, 2), (2, 1, 1), 'VALID', (1, 1, 1), (1, 1, 2), (6, 3, 5)),
-]
 
 
 def _layer_kwargs(case):
@@ -60,95 +40,6 @@ def test_conv_statistic_is_gram_of_unfolded_patches(case, x64):
     kernel = np.asarray(variables['params']['kernel']).reshape(-1, features)
     expected = patches @ kernel + np.asarray(variables['params']['bias'])
     np.testing.assert_allclose(y.reshape(-1, features), expected, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize('case', CONV_CASES, ids=str)
-def test_gram_by_shifts_is_the_gram_of_unfolded_patches(case, x64):
-    """The patches' Gram is the one the layers record on these small inputs (tested above)."""
-    x = jax.random.normal(jax.random.key(3), (5, *case[-1], 2), jnp.float64) + 0.5
-    geometry = statistics.ConvGeometry(*case[:-1])
-    assert statistics.chosen_method(x.shape, geometry) == 'patches'
-    stat = statistics.geometry_statistic(x, geometry, method='shifts')
-    patches = unfold(x, *case[:-1])
-    if patches.shape[0] < patches.shape[1]:
-        np.testing.assert_array_equal(stat.rows, patches)
-    else:
-        np.testing.assert_allclose(stat.gram, patches.T @ patches, rtol=1e-12, atol=1e-12)
-        assert stat.count == patches.shape[0]
-
-
-LONG_CASES = [  # phases of at least _CORRELATE_FROM rows: one lax.conv per pair of phases
-    ((7, 7), (2, 2), 3, (1, 1), (1, 1), (70, 12)),  # a ResNet stem's geometry
-    ((3, 3), (1, 1), 'SAME', (1, 1), (1, 1), (40, 6)),
-    ((5, 3), (3, 1), ((4, 1), (1, 1)), (1, 1), (2, 1), (110, 5)),
-    ((3, 2), (2, 1), 'VALID', (2, 1), (1, 1), (40, 5)),
-    ((3, 2, 2), (2, 1, 1), 'SAME', (1, 1, 1), (1, 1, 1), (70, 3, 4)),
-]
-
-
-@pytest.mark.parametrize('case', LONG_CASES, ids=str)
-def test_gram_by_shifts_correlating_long_phases(case, x64):
-    x = jax.random.normal(jax.random.key(4), (3, *case[-1], 2), jnp.float64) + 0.5
-    geometry = statistics.ConvGeometry(*case[:-1])
-    padded = statistics._padded(x, geometry)
-    length = -(-padded.shape[1] // statistics._Window.of(geometry).strides[0])
-    assert length >= statistics._CORRELATE_FROM  # the lax.conv path
-    gram = statistics._gram_by_shifts(padded, statistics._Window.of(geometry))
-    patches = unfold(x, *case[:-1])
-    np.testing.assert_allclose(gram, patches.T @ patches, rtol=1e-12, atol=1e-12)
-
-
-@pytest.mark.parametrize(
-    ('kernel', 'strides', 'dilation', 'side', 'picks'),
-    [
-        ((7, 7), 2, 1, 224, 'shifts'),  # a ResNet stem: windows overlap
-        ((3, 3), 1, 1, 224, 'shifts'),
-        ((3, 3), 1, 1, 32, 'patches'),  # small images: the patches' one matmul is faster
-        ((3, 7, 7), (1, 2, 2), 1, 64, 'shifts'),  # a video stem
-        ((16, 16), 16, 1, 224, 'patches'),  # a patch embedding: no overlap, nothing shared
-        ((4, 4), 4, 1, 224, 'patches'),
-        ((2, 3), 3, 2, 224, 'patches'),  # (2 - 1) * 2 < 3: no overlap along the first axis
-    ],
-)
-def test_auto_picks_shifts_where_windows_overlap(kernel, strides, dilation, side, picks):
-    geometry = statistics.ConvGeometry(kernel, strides, 'SAME', 1, dilation)
-    shape = (4, *([side] * len(kernel)), 3)
-    assert statistics.chosen_method(shape, geometry) == picks
-
-
-def test_gram_by_shifts_counts_fewer_multiply_adds_in_the_compiled_statistic():
-    """XLA's cost analysis of the compiled statistic, not the model: a ResNet-50 stem."""
-    x = jax.ShapeDtypeStruct((4, 224, 224, 3), jnp.float32)
-    geometry = statistics.ConvGeometry((7, 7), 2, 3)
-
-    def flops(method):
-        fn = jax.jit(lambda x: statistics.geometry_statistic(x, geometry, method=method))
-        cost = fn.lower(x).compile().cost_analysis()
-        return (cost[0] if isinstance(cost, list) else cost)['flops']
-
-    assert flops('shifts') < 0.4 * flops('patches')
-
-
-@pytest.mark.parametrize(
-    ('n', 'products'),
-    [(767, 1), (768, 4 * 5 // 2), (1000, 5 * 6 // 2), (4000, 8 * 9 // 2)],
-)
-def test_large_gram_is_summed_in_upper_blocks(n, products, x64):
-    """Against numpy's XᵀX, with the number of products the docstring gives."""
-    x = jax.random.normal(jax.random.key(n), (50, n), jnp.float64)
-    expected = np.asarray(x).T @ np.asarray(x)
-    np.testing.assert_allclose(jax.jit(statistics.gram_matrix)(x), expected, atol=1e-12)
-    hlo = jax.jit(statistics.gram_matrix).lower(x).as_text()
-    assert hlo.count('stablehlo.dot_general') == products
-    stat = statistics.to_gram(statistics.RowStatistic(x))  # every Gram statistic's way
-    np.testing.assert_allclose(stat.gram, expected, atol=1e-12)
-
-
-@pytest.mark.parametrize('case', CONV_CASES[::3], ids=str)
-def test_conv_rows_equal_unfolded_patches(case, x64):
-    x = jax.random.normal(jax.random.key(2), (1, *case[-1], 3), jnp.float64)
-    rows = statistics.conv_rows(x, statistics.ConvGeometry(*case[:-1]))
-    np.testing.assert_array_equal(rows, unfold(x, *case[:-1]))
 
 
 @pytest.mark.parametrize('padding', ['SAME', 'VALID', 'CIRCULAR', 2])
@@ -262,40 +153,3 @@ def test_unsupported_conv_options_are_named(kwargs, words):
     layer = tract_jax.Conv(6, (3, 3), **kwargs)
     with pytest.raises(ValueError, match=words):
         layer.init(jax.random.key(0), jnp.ones((1, 5, 5, 3)))
-
-
-@pytest.mark.parametrize(
-    'padding, batch, budget_images',
-    [('SAME', 7, 2), ('CIRCULAR', 5, 3), ('REFLECT', 4, 1), ((2, 1), 6, 4), ('VALID', 9, 5)],
-)
-@pytest.mark.parametrize('method', ['patches', 'shifts'])
-def test_chunked_statistic_equals_one_shot(padding, batch, budget_images, method, x64):
-    x = jax.random.normal(jax.random.key(0), (batch, 11, 10, 3), jnp.float64) + 2.0
-    args = (statistics.ConvGeometry((3, 3), 2, padding),)
-    one_shot = statistics.geometry_statistic(x, *args, max_chunk_bytes=2**40, method='patches')
-    cost = statistics._cost(x.shape, *args, x.dtype)
-    per_image = cost.patches_bytes if method == 'patches' else cost.shifts_bytes
-    chunked = statistics.geometry_statistic(
-        x, *args, max_chunk_bytes=budget_images * per_image, method=method
-    )
-    assert isinstance(chunked, tract_jax.GramStatistic)
-    np.testing.assert_allclose(chunked.gram, one_shot.gram, rtol=1e-12)
-    assert chunked.count == one_shot.count
-
-
-def test_chunking_bounds_the_memory_of_the_statistic():
-    """XLA's memory analysis: the chunked statistic never holds all patches at once."""
-    x = jax.ShapeDtypeStruct((32, 112, 112, 3), jnp.float32)
-    args = (statistics.ConvGeometry((7, 7), 2, 3),)
-    patches_bytes = 32 * 56 * 56 * 147 * 4  # 59 MiB if held at once
-
-    def temp_bytes(budget):
-        fn = jax.jit(
-            lambda x: statistics.geometry_statistic(
-                x, *args, max_chunk_bytes=budget, method='patches'
-            )
-        )
-        return fn.lower(x).compile().memory_analysis().temp_size_in_bytes
-
-    assert temp_bytes(2**40) >= patches_bytes
-    assert temp_bytes(patches_bytes // 8) < patches_bytes / 3

@@ -12,13 +12,8 @@ from tract_jax import nnx
 from tract_jax._src.accumulation import MultiSteps, MultiStepsState, accumulate
 from tract_jax._src.linen import COLLECTION, Conv, Dense, TrainState, capture
 from tract_jax._src.solve import tract_solve
-from tract_jax._src.statistics import (
-    GramStatistic,
-    Layout,
-    RowStatistic,
-    conv_statistic,
-    dense_statistic,
-)
+from tract_jax._src.statistic import GramStatistic, Layout, RowStatistic
+from tract_jax._src.statistics import conv_statistic, dense_statistic
 from tract_jax._src.transform import TractState, tract
 
 __version__ = '0.1.0'

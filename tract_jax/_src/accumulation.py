@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tract_jax._src import statistics
+from tract_jax._src import statistic
 
 
 def accumulate(*tract_stats: Any) -> Any:
@@ -50,27 +50,27 @@ def accumulate(*tract_stats: Any) -> Any:
     """
     if not tract_stats:
         raise ValueError('tract_jax.accumulate: give at least one tree of statistics.')
-    structures = {jax.tree.structure(t, is_leaf=statistics.is_statistic) for t in tract_stats}
+    structures = {jax.tree.structure(t, is_leaf=statistic.is_statistic) for t in tract_stats}
     if len(structures) > 1:
         raise ValueError(
             'tract_jax.accumulate: the statistics are not of the same layers: '
             f'{" vs ".join(str(s) for s in structures)}.'
         )
-    return jax.tree.map(_sum, *tract_stats, is_leaf=statistics.is_statistic)
+    return jax.tree.map(_sum, *tract_stats, is_leaf=statistic.is_statistic)
 
 
-def _sum(*stats: statistics.Statistic) -> statistics.GramStatistic:
-    total = statistics.to_gram(stats[0])
+def _sum(*stats: statistic.Statistic) -> statistic.GramStatistic:
+    total = statistic.to_gram(stats[0])
     for stat in stats[1:]:
-        total = statistics.to_gram(statistics.merge(total, stat))
+        total = statistic.to_gram(statistic.merge(total, stat))
     return total
 
 
-def _zeros_like(stat: Any) -> statistics.GramStatistic:
+def _zeros_like(stat: Any) -> statistic.GramStatistic:
     """A zero Gram statistic of ``stat``'s fan-in and dtype (arrays or shapes)."""
-    n = statistics.fan_in(stat)
-    dtype = statistics.statistic_dtype(statistics.dtype_of(stat))
-    return statistics.GramStatistic(jnp.zeros((n, n), dtype), jnp.zeros((), dtype), stat.layout)
+    n = statistic.fan_in(stat)
+    dtype = statistic.statistic_dtype(statistic.dtype_of(stat))
+    return statistic.GramStatistic(jnp.zeros((n, n), dtype), jnp.zeros((), dtype), stat.layout)
 
 
 class MultiStepsState(NamedTuple):
@@ -146,7 +146,7 @@ class MultiSteps:
             should_skip_update_fn=should_skip_update_fn,
             accumulator_dtype=accumulator_dtype,
         )
-        self._zero_stats = jax.tree.map(_zeros_like, stats_like, is_leaf=statistics.is_statistic)
+        self._zero_stats = jax.tree.map(_zeros_like, stats_like, is_leaf=statistic.is_statistic)
 
     @property
     def inner_opt(self) -> optax.GradientTransformation:

@@ -21,7 +21,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-from tract_jax._src import statistics, transform
+from tract_jax._src import statistic, statistics, transform, unfold
 
 Layer = eqx.nn.Linear | eqx.nn.Conv
 
@@ -30,16 +30,16 @@ class _Spec(NamedTuple):
     """What the statistic of a call needs of its layer: static, hashable."""
 
     fan_in: int
-    geometry: statistics.ConvGeometry | None  # None for a Linear
+    geometry: unfold.ConvGeometry | None  # None for a Linear
     dtype: Any
 
     @classmethod
     def of(cls, layer: Layer) -> _Spec:
-        dtype = statistics.statistic_dtype(layer.weight.dtype)
+        dtype = statistic.statistic_dtype(layer.weight.dtype)
         n = math.prod(layer.weight.shape[1:])
         if not isinstance(layer, eqx.nn.Conv):
             return cls(n, None, dtype)
-        geometry = statistics.ConvGeometry(
+        geometry = unfold.ConvGeometry(
             kernel_size=tuple(layer.kernel_size),
             strides=tuple(layer.stride),
             padding=layer.padding,
@@ -48,17 +48,17 @@ class _Spec(NamedTuple):
         )
         return cls(n, geometry, dtype)
 
-    def statistic(self, x: jax.Array) -> statistics.GramStatistic:
+    def statistic(self, x: jax.Array) -> statistic.GramStatistic:
         """The Gram statistic of one call's input ``x``, in the Equinox weight's layout."""
         if self.geometry is None:
             stat = statistics.dense_statistic(jnp.reshape(x, (-1, self.fan_in)), layout=_LAYOUT)
         else:
             channels_last = jnp.moveaxis(x, 0, -1)[None]  # (1, *spatial, in)
             stat = statistics.geometry_statistic(channels_last, self.geometry, layout=_LAYOUT)
-        return statistics.to_gram(stat)
+        return statistic.to_gram(stat)
 
 
-_LAYOUT: statistics.Layout = 'features_first'
+_LAYOUT: statistic.Layout = 'features_first'
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -203,7 +203,7 @@ def split_stats(grads: Any) -> tuple[Any, dict[str, Any]]:
         for name in names:
             leaf = leaf.setdefault(name, {})
         leaf['layer'] = {
-            'weight': statistics.GramStatistic(
+            'weight': statistic.GramStatistic(
                 node.tract_gram, node.tract_count, layout='features_first'
             )
         }

@@ -10,10 +10,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import optax
-from flax.linen import module as linen_module
 from flax.training import train_state
 
-from tract_jax._src import statistics
+from tract_jax._src import internals, statistic, statistics, unfold
 
 COLLECTION = 'tract'
 """The Flax collection the layers record into; the statistic sits at the kernel's path."""
@@ -26,7 +25,7 @@ def _apply_root() -> object:
     pass. Unlike the layer's scope it is the same inside lifted transforms (``nn.remat``,
     ``nn.scan``), whose inner scopes are new roots.
     """
-    return next(m for m in linen_module._context.module_stack if m is not None)
+    return next(m for m in internals.linen_module_stack() if m is not None)
 
 
 def _recorded_paths() -> set[tuple[str, ...]]:
@@ -42,7 +41,7 @@ def _recorded_paths() -> set[tuple[str, ...]]:
 _RECORDED: dict[int, set[tuple[str, ...]]] = {}
 
 
-def record(module: nn.Module, make_stat: Callable[[], statistics.Statistic]) -> None:
+def record(module: nn.Module, make_stat: Callable[[], statistic.Statistic]) -> None:
     """Stores ``make_stat()`` as ``module``'s entry in the ``'tract'`` collection.
 
     A statistic belongs to the ``apply`` that records it. An entry that came in with the
@@ -57,7 +56,7 @@ def record(module: nn.Module, make_stat: Callable[[], statistics.Statistic]) -> 
     stat = make_stat()
     recorded, path = _recorded_paths(), tuple(module.path)
     if path in recorded and module.has_variable(COLLECTION, 'kernel'):
-        stat = statistics.merge(module.get_variable(COLLECTION, 'kernel'), stat)
+        stat = statistic.merge(module.get_variable(COLLECTION, 'kernel'), stat)
     recorded.add(path)
     module.put_variable(COLLECTION, 'kernel', stat)
 
@@ -119,16 +118,16 @@ class Conv(nn.Conv):
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
         statistics.check_conv_options('tract_jax.Conv', self.feature_group_count, self.mask)
-        geometry = statistics.ConvGeometry.of(self)
+        geometry = unfold.ConvGeometry.of(self)
         record(self, lambda: statistics.geometry_statistic(inputs, geometry))
         return super().__call__(inputs)
 
 
-def _statistic_of(module: nn.Module, inputs: jax.Array) -> statistics.Statistic:
+def _statistic_of(module: nn.Module, inputs: jax.Array) -> statistic.Statistic:
     name = f"capture: layer '{'/'.join(module.path)}'"
     if isinstance(module, nn.Conv):
         statistics.check_conv_options(name, module.feature_group_count, module.mask)
-        return statistics.geometry_statistic(inputs, statistics.ConvGeometry.of(module))
+        return statistics.geometry_statistic(inputs, unfold.ConvGeometry.of(module))
     if isinstance(module, nn.Dense):
         return statistics.dense_statistic(inputs)
     raise TypeError(

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import jax
 from flax import nnx
 
-from tract_jax._src import passes, statistics
+from tract_jax._src import passes, statistic, statistics, unfold
 
 STAT_ATTRIBUTE = 'tract_stats'
 """The attribute of a TrAct NNX layer that holds its statistic between steps."""
@@ -22,7 +22,7 @@ class TractStatistics(nnx.Variable):
     """
 
 
-def _record(module: nnx.Module, make_stat: Callable[[], statistics.Statistic]) -> None:
+def _record(module: nnx.Module, make_stat: Callable[[], statistic.Statistic]) -> None:
     """Stores the statistic of this call on ``module``, if a gradient is being taken.
 
     Outside a differentiated pass (an evaluation or logging forward, even in training
@@ -38,7 +38,7 @@ def _record(module: nnx.Module, make_stat: Callable[[], statistics.Statistic]) -
     stat = make_stat()
     previous = getattr(module, STAT_ATTRIBUTE, None)
     if isinstance(previous, TractStatistics) and _mark(previous).is_current(trace):
-        previous.set_value(statistics.merge(previous.get_value(), stat))
+        previous.set_value(statistic.merge(previous.get_value(), stat))
     else:
         setattr(module, STAT_ATTRIBUTE, TractStatistics(stat, tract_pass=passes.PassMark(trace)))
 
@@ -115,7 +115,7 @@ class Conv(nnx.Conv):
         self.deterministic = deterministic
 
     def __call__(self, inputs: jax.Array, *args: Any, **kwargs: Any) -> jax.Array:
-        geometry = statistics.ConvGeometry.of(self)
+        geometry = unfold.ConvGeometry.of(self)
         _record(self, lambda: statistics.geometry_statistic(inputs, geometry))
         return super().__call__(inputs, *args, **kwargs)
 
@@ -204,7 +204,7 @@ def _kernel_paths(tree: dict[Any, Any]) -> dict[Any, Any]:
     """Moves each statistic from ``<layer>/tract_stats`` to ``<layer>/kernel``."""
     return {
         ('kernel' if key == STAT_ATTRIBUTE else key): (
-            value if statistics.is_statistic(value) else _kernel_paths(value)
+            value if statistic.is_statistic(value) else _kernel_paths(value)
         )
         for key, value in tree.items()
     }

@@ -8,13 +8,13 @@ For a kernel gradient ``G = XᵀΔ`` (``n x features``) TrAct's update is
 with ``b`` the number of rows of ``X``. Both matrices are symmetric positive definite
 with smallest eigenvalue at least ``λ`` (resp. ``λ b``), so a Cholesky solve is
 stable; it runs in the statistic's dtype (float32 or wider) and the result is cast
-back to the gradient's dtype.
+back to the gradient's dtype. The solve has no data-dependent control flow: on a GPU
+a ``lax.cond`` copies its predicate to the host and waits for the device, every step.
 
 On CPU the factorization is built from XLA operations (a recursive blocked Cholesky,
 below) rather than LAPACK: jaxlib's LAPACK is a multithreaded OpenBLAS whose threads
 fight XLA's own thread pool when XLA runs other work of the training step next to
-the call. Measured on 2 cores, a 768x768 ``potrf`` that takes 2 ms alone then took
-up to 75 ms inside a ViT-S/16 step. GPUs and TPUs keep their native Cholesky.
+the call. GPUs and TPUs keep their native Cholesky (``choice.py`` says why).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 
-from tract_jax._src import statistics
+from tract_jax._src import choice, statistic
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _LEAF = 64  # the largest block the recursive Cholesky factors column by column
@@ -79,40 +79,37 @@ def _native_cholesky_solve(matrix: jax.Array, rhs: jax.Array) -> jax.Array:
 
 
 def _cholesky_solve(matrix: jax.Array, rhs: jax.Array) -> jax.Array:
-    """``matrix⁻¹ rhs`` for a symmetric positive definite ``matrix``, NaN on breakdown."""
-    return jax.lax.platform_dependent(
-        matrix, rhs, cpu=_xla_cholesky_solve, default=_native_cholesky_solve
-    )
+    """``matrix⁻¹ rhs`` for a symmetric positive definite ``matrix``, NaN on breakdown,
+    by the factorization of the platform's plan."""
+
+    def solve(native: bool, matrix: jax.Array, rhs: jax.Array) -> jax.Array:
+        return (_native_cholesky_solve if native else _xla_cholesky_solve)(matrix, rhs)
+
+    return choice.per_platform(lambda plan: plan.native_cholesky, solve, matrix, rhs)
 
 
-def _eigen_solve(moment: jax.Array, rhs: jax.Array, shift: jax.Array) -> jax.Array:
-    """``(moment + shift I)⁻¹ rhs`` for a PSD ``moment``, finite even where f32 rounding
-    has made it numerically indefinite (its eigenvalues are clipped at zero)."""
-    eigenvalues, vectors = jnp.linalg.eigh(moment, symmetrize_input=True)
-    scale = 1.0 / (jnp.maximum(eigenvalues, 0) + shift)
-    coefficients = _matmul(vectors.T, rhs) * scale[:, None]
-    return _matmul(vectors, coefficients)
+def ridge_solve(moment: jax.Array, rhs: jax.Array, shift: jax.Array) -> jax.Array:
+    """``(moment + shift I)⁻¹ rhs`` for a PSD ``moment``: finite for every finite input.
 
-
-def _robust_solve(moment: jax.Array, rhs: jax.Array, shift: jax.Array) -> jax.Array:
-    """``(moment + shift I)⁻¹ rhs``: Cholesky, or an eigendecomposition where that fails.
-
-    With a large condition number (unstandardized pixels in a large patch) a float32
-    Cholesky can break down and return NaN; then, and only then (``lax.cond``), the
-    clipped eigendecomposition gives a finite update bounded by ``|rhs| / shift``.
+    In exact arithmetic every pivot of this Cholesky is at least ``shift``. In floating
+    point, eigenvalues of ``moment`` below about ``eps · trace(moment)`` are rounding
+    noise (a float32 Gram of [0, 255] pixels in large patches even has negative ones),
+    and a shift below that lets the factorization break down. So the shift is floored
+    at ``eps · trace(moment)``: the exact solve wherever the statistic resolves
+    ``shift`` (standardized 16x16x3 patches: a floor near 1e-4 against λ = 0.1), and a
+    factorization that does not break down where it does not. Should it break down
+    all the same, the solve of the majorant ``trace(moment) I ⪰ moment`` is taken, a
+    finite step no longer than the exact one, by a select: no control flow, for an
+    ``n x features`` division and select per step.
     """
     eye = jnp.eye(moment.shape[0], dtype=moment.dtype)
+    trace = jnp.trace(moment)
+    shift = jnp.maximum(shift, jnp.finfo(moment.dtype).eps * trace)
     solution = _cholesky_solve(moment + shift * eye, rhs)
-    return jax.lax.cond(
-        jnp.all(jnp.isfinite(solution)),
-        lambda: solution,
-        lambda: _eigen_solve(moment, rhs, shift),
-    )
+    return jnp.where(jnp.all(jnp.isfinite(solution)), solution, rhs / (shift + trace))
 
 
-def tract_solve(
-    stat: statistics.Statistic, grad: jax.Array, lam: jax.typing.ArrayLike
-) -> jax.Array:
+def tract_solve(stat: statistic.Statistic, grad: jax.Array, lam: jax.typing.ArrayLike) -> jax.Array:
     """Applies TrAct to a kernel gradient.
 
     Args:
@@ -128,16 +125,16 @@ def tract_solve(
       the statistic or the gradient is.
     """
     shape, out_dtype = grad.shape, grad.dtype
-    dtype = statistics.dtype_of(stat)
-    g = statistics.kernel_matrix(grad, stat.layout).astype(dtype)
-    if isinstance(stat, statistics.GramStatistic):
-        new = _robust_solve(stat.gram / stat.count, g, jnp.asarray(lam, dtype))
+    dtype = statistic.dtype_of(stat)
+    g = statistic.kernel_matrix(grad, stat.layout).astype(dtype)
+    if isinstance(stat, statistic.GramStatistic):
+        new = ridge_solve(stat.gram / stat.count, g, jnp.asarray(lam, dtype))
     else:
         rows = stat.rows
         lam = jnp.asarray(lam, dtype)
         b = rows.shape[0]
         outer = _matmul(rows, rows.T)
         xg = _matmul(rows, g)
-        inner = _robust_solve(outer, xg, lam * b)
+        inner = ridge_solve(outer, xg, lam * b)
         new = (g - _matmul(rows.T, inner)) / lam
-    return statistics.from_kernel_matrix(new.astype(out_dtype), shape, stat.layout)
+    return statistic.from_kernel_matrix(new.astype(out_dtype), shape, stat.layout)

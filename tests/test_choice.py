@@ -1,0 +1,162 @@
+"""The per-platform choices (choice.py): what 'auto' picks, blocks, chunks, plans."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import unfold
+
+import tract_jax
+from tract_jax._src import choice, solve, statistic, statistics
+
+
+@pytest.mark.parametrize(
+    ('kernel', 'strides', 'dilation', 'side', 'picks'),
+    [
+        ((7, 7), 2, 1, 224, 'shifts'),  # a ResNet stem: windows overlap
+        ((3, 3), 1, 1, 224, 'shifts'),
+        ((3, 3), 1, 1, 32, 'patches'),  # small images: the patches' one matmul is faster
+        ((3, 7, 7), (1, 2, 2), 1, 64, 'shifts'),  # a video stem
+        ((16, 16), 16, 1, 224, 'patches'),  # a patch embedding: no overlap, nothing shared
+        ((4, 4), 4, 1, 224, 'patches'),
+        ((2, 3), 3, 2, 224, 'patches'),  # (2 - 1) * 2 < 3: no overlap along the first axis
+    ],
+)
+def test_auto_picks_shifts_where_windows_overlap(kernel, strides, dilation, side, picks):
+    geometry = statistics.ConvGeometry(kernel, strides, 'SAME', 1, dilation)
+    shape = (4, *([side] * len(kernel)), 3)
+    assert statistics.chosen_method(shape, geometry) == picks
+
+
+@pytest.mark.parametrize(
+    ('n', 'products'),
+    [(767, 1), (768, 4 * 5 // 2), (1000, 5 * 6 // 2), (4000, 8 * 9 // 2)],
+)
+def test_large_gram_is_summed_in_upper_blocks(n, products, x64):
+    """Against numpy's XᵀX, with the number of products the docstring gives."""
+    x = jax.random.normal(jax.random.key(n), (50, n), jnp.float64)
+    expected = np.asarray(x).T @ np.asarray(x)
+    np.testing.assert_allclose(jax.jit(choice.gram_matrix)(x), expected, atol=1e-12)
+    hlo = jax.jit(choice.gram_matrix).lower(x).as_text()
+    assert hlo.count('stablehlo.dot_general') == products
+    stat = statistic.to_gram(statistic.RowStatistic(x))  # every Gram statistic's way
+    np.testing.assert_allclose(stat.gram, expected, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    'padding, batch, budget_images',
+    [('SAME', 7, 2), ('CIRCULAR', 5, 3), ('REFLECT', 4, 1), ((2, 1), 6, 4), ('VALID', 9, 5)],
+)
+@pytest.mark.parametrize('method', ['patches', 'shifts'])
+def test_chunked_statistic_equals_one_shot(padding, batch, budget_images, method, x64):
+    x = jax.random.normal(jax.random.key(0), (batch, 11, 10, 3), jnp.float64) + 2.0
+    args = (statistics.ConvGeometry((3, 3), 2, padding),)
+    one_shot = statistics.geometry_statistic(x, *args, max_chunk_bytes=2**40, method='patches')
+    cost = statistics.gram_cost(x.shape, *args, x.dtype)
+    per_image = cost.patches_bytes if method == 'patches' else cost.shifts_bytes
+    chunked = statistics.geometry_statistic(
+        x, *args, max_chunk_bytes=budget_images * per_image, method=method
+    )
+    assert isinstance(chunked, tract_jax.GramStatistic)
+    np.testing.assert_allclose(chunked.gram, one_shot.gram, rtol=1e-12)
+    assert chunked.count == one_shot.count
+
+
+def test_chunking_bounds_the_memory_of_the_statistic():
+    """XLA's memory analysis: the chunked statistic never holds all patches at once."""
+    x = jax.ShapeDtypeStruct((32, 112, 112, 3), jnp.float32)
+    args = (statistics.ConvGeometry((7, 7), 2, 3),)
+    patches_bytes = 32 * 56 * 56 * 147 * 4  # 59 MiB if held at once
+
+    def temp_bytes(budget):
+        fn = jax.jit(
+            lambda x: statistics.geometry_statistic(
+                x, *args, max_chunk_bytes=budget, method='patches', plan=choice.CPU
+            )
+        )
+        return fn.lower(x).compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(2**40) >= patches_bytes
+    assert temp_bytes(patches_bytes // 8) < patches_bytes / 3
+
+
+@pytest.mark.parametrize('plan', [choice.CPU, choice.GPU, choice.TPU], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    'fields, shape',
+    [
+        (((7, 7), 2, 3), (5, 40, 36, 3)),  # overlapping: the CPU plan sums by shifts
+        (((4, 4), 4, 'VALID'), (3, 16, 16, 2)),  # a patch embedding
+        (((3, 3), 1, 'CIRCULAR'), (4, 9, 9, 2)),
+    ],
+    ids=['stem', 'patch embedding', 'circular'],
+)
+@pytest.mark.parametrize('chunk_images', [None, 2])
+def test_every_plan_gives_the_gram_of_the_patches(plan, fields, shape, chunk_images, x64):
+    """Each platform's plan, run here in float64: chunked (scanned or unrolled) or not."""
+    x = jax.random.normal(jax.random.key(0), shape, jnp.float64) + 0.3
+    geometry = statistics.ConvGeometry(*fields)
+    cost = statistics.gram_cost(shape, geometry, x.dtype)
+    budget = None
+    if chunk_images is not None:
+        method = statistics.chosen_method(shape, geometry, plan=plan)
+        per_image = cost.shifts_bytes if method == 'shifts' else cost.patches_bytes
+        budget = chunk_images * per_image
+    stat = statistics.geometry_statistic(x, geometry, plan=plan, max_chunk_bytes=budget)
+    patches = unfold(x, *_fields(fields))
+    np.testing.assert_allclose(stat.gram, patches.T @ patches, rtol=1e-12, atol=1e-12)
+    assert stat.count == patches.shape[0]
+
+
+def _fields(fields):
+    """(kernel_size, strides, padding, input_dilation, kernel_dilation) for helpers.unfold."""
+    kernel, strides, padding = fields
+    rank = len(kernel)
+    return kernel, (strides,) * rank, padding, (1,) * rank, (1,) * rank
+
+
+@pytest.mark.parametrize(
+    'plan, picks', [(choice.CPU, 'shifts'), (choice.GPU, 'patches'), (choice.TPU, 'patches')]
+)
+def test_only_the_cpu_plan_sums_a_resnet_stem_by_shifts(plan, picks):
+    geometry = statistics.ConvGeometry((7, 7), 2, 3)
+    assert statistics.chosen_method((4, 224, 224, 3), geometry, plan=plan) == picks
+
+
+def test_accelerator_plans_chunk_without_a_loop():
+    x = jax.ShapeDtypeStruct((9, 32, 32, 3), jnp.float32)
+    geometry = statistics.ConvGeometry((3, 3), 1, 'SAME')
+    per_image = statistics.gram_cost(x.shape, geometry).patches_bytes
+
+    def lowered(plan):
+        fn = jax.jit(
+            lambda x: statistics.geometry_statistic(
+                x, geometry, plan=plan, method='patches', max_chunk_bytes=2 * per_image
+            )
+        )
+        return fn.lower(x).as_text()
+
+    assert 'stablehlo.while' in lowered(choice.CPU)  # a scan over 5 chunks
+    unrolled = lowered(choice.GPU)
+    assert 'stablehlo.while' not in unrolled
+    assert unrolled.count('stablehlo.dot_general') == 5
+
+
+def test_ridge_solve_takes_the_majorant_where_the_factorization_still_fails():
+    """Not a statistic (no Gram is indefinite), but the select must hold all the same."""
+    moment = -10.0 * jnp.eye(4)
+    rhs = jnp.ones((4, 2))
+    out = jax.jit(solve.ridge_solve)(moment, rhs, jnp.asarray(0.1))
+    np.testing.assert_allclose(out, rhs / (0.1 + jnp.trace(moment)), rtol=1e-6)
+
+
+def test_ridge_solve_floors_the_shift_at_the_statistics_resolution(x64):
+    """Below eps · trace the shift is the floor: the solve of moment + floor · I."""
+    rows = jax.random.normal(jax.random.key(0), (50, 6), jnp.float64) * 1e6
+    rows = rows.at[:, -1].set(0.0)  # a channel that never varies: a zero eigenvalue
+    moment = rows.T @ rows / 50
+    rhs = jnp.ones((6, 1), jnp.float64)
+    floor = float(jnp.finfo(jnp.float64).eps * jnp.trace(moment))
+    for shift, effective in ((1e-30, floor), (10 * floor, 10 * floor)):
+        expected = np.linalg.solve(np.asarray(moment) + effective * np.eye(6), np.asarray(rhs))
+        out = solve.ridge_solve(moment, rhs, jnp.asarray(shift, jnp.float64))
+        np.testing.assert_allclose(out, expected, rtol=1e-9)

@@ -1,0 +1,208 @@
+"""Which algorithm, precision and factorization each platform runs, and why.
+
+Every tuning constant of tract_jax lives here, with the platform it was measured on.
+A :class:`Plan` is one platform's choices; :func:`per_platform` runs a computation
+with the plan of the platform it is lowered for (``lax.platform_dependent``: the
+choice is made when the step is lowered, never at run time, so it adds no control
+flow to a step; platforms whose plans decide alike for the shapes at hand share one
+branch). ``geometry_statistic(..., plan=...)`` and the benchmarks can force a plan,
+which is how each choice is measured and tested on any platform.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Literal, NamedTuple
+
+import jax
+
+from tract_jax._src import gram, gram_by_shifts, unfold
+
+GramMethod = Literal['auto', 'patches', 'shifts']
+"""How a conv Gram is summed: over materialized patches, by shifts, or as the plan picks."""
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """One platform's way to build statistics and solve.
+
+    Attributes:
+      name: the platform (for messages and benchmark records).
+      shifts: whether ``'auto'`` may sum an overlapping conv's Gram by shifts.
+      gram_block: columns per block from which a Gram of rows is summed in 4 to 8
+        upper blocks; ``None`` for one product always.
+      precision: the precision of every product of a statistic.
+      chunk_bytes: the most bytes of patches (or shifted rows) held at once; larger
+        batches are summed in chunks of images.
+      scan_chunks: sum the chunks in a ``lax.scan`` (a loop, compiled once) rather
+        than unrolled (straight-line code: no ``while`` in the step).
+      native_cholesky: factor with the platform's Cholesky (cuSOLVER ``potrf``,
+        XLA:TPU's) rather than the recursive one built from XLA operations.
+    """
+
+    name: str
+    shifts: bool
+    gram_block: int | None
+    precision: jax.lax.PrecisionLike
+    chunk_bytes: int
+    scan_chunks: bool
+    native_cholesky: bool
+
+
+CPU = Plan(
+    name='cpu',
+    # Measured on this project's 2-core x86-64 CPU (python -m benchmarks.micro): by shifts
+    # a ResNet-50 stem's statistic (7x7/2, 224²) took 0.32x the patches' time.
+    shifts=True,
+    # ViT-S/16's patch embedding (n = 768): 8.8 ms in 4 or 8 blocks vs 12.3 ms in one
+    # product, alternated with the conv forward; 2 blocks gained nothing (11.2 ms).
+    gram_block=192,
+    precision=_HIGHEST,  # XLA:CPU has no faster float32 product.
+    # Patches of a 256-image ResNet-50 batch take 1.9 GB; 64 MiB chunks keep the
+    # working set near the caches and the memory flat (benchmarks.memory).
+    chunk_bytes=64 * 2**20,
+    scan_chunks=True,  # a while loop costs nothing on CPU and compiles once.
+    # jaxlib's LAPACK runs on OpenBLAS threads that fight XLA's pool inside a step: a
+    # 768x768 potrf took 2 ms alone and up to 75 ms inside a ViT-S/16 step.
+    native_cholesky=False,
+)
+
+GPU = Plan(
+    name='gpu',
+    # Not yet measured on a GPU (benchmarks/gpu_check.sh measures every alternative).
+    # One product per Gram, over materialized patches, is what a GPU runs best: one
+    # large GEMM; the shifts' many small correlations and the blocks' 10 GEMMs with
+    # tiny outputs are CPU cache choices. The first H100 run counted 50x the FLOPs
+    # for the shifts (cuDNN) and +20.7% step FLOPs with them on ResNet-18.
+    shifts=False,
+    gram_block=None,
+    # HIGHEST is true float32 on GPU (DEFAULT and HIGH are TF32, 10-bit mantissas).
+    # A 3-pass TF32 preset may be as accurate and faster: measured by gpu_check.sh.
+    precision=_HIGHEST,
+    # A ResNet-50 stem at batch 64 holds 472 MB of patches: one chunk. Larger batches
+    # take more chunks, unrolled (no while loop, which XLA:GPU may run with a host
+    # round-trip and which splits CUDA graphs).
+    chunk_bytes=512 * 2**20,
+    scan_chunks=False,
+    native_cholesky=True,  # cuSOLVER potrf; breakdown is NaN on the device, no sync.
+)
+
+TPU = dataclasses.replace(
+    GPU,
+    name='tpu',
+    # HIGHEST is six bfloat16 MXU passes; HIGH is three (bf16_3x). Emulated on CPU
+    # (hi/lo bfloat16 splits, float32 sums), 3 passes left a Dense update's relative
+    # error at 3.3e-6 (6 passes: 7.6e-8) and a [0, 255] digits update's at 5.1e-7,
+    # inside the float32 tests' tolerances (2e-4); 1 pass: 1.0e-3. Not run on a TPU.
+    precision=jax.lax.Precision.HIGH,
+)
+
+PLANS = {'cpu': CPU, 'cuda': GPU, 'rocm': GPU, 'tpu': TPU}
+"""The plan of each platform ``lax.platform_dependent`` knows."""
+
+
+def per_platform(decide: Callable[[Plan], Hashable], run: Callable[..., Any], *args: Any) -> Any:
+    """``run(decide(plan), *args)`` for the plan of the platform the step is lowered for.
+
+    ``decide`` reduces a plan to what ``run`` does with it for these shapes; platforms
+    whose decisions agree share one branch, and where all agree no branch is staged at
+    all (``lax.platform_dependent`` traces and lowers every branch it is given).
+    """
+    groups: dict[Hashable, list[str]] = {}
+    for name, plan in PLANS.items():
+        groups.setdefault(decide(plan), []).append(name)
+    if len(groups) == 1:
+        return run(next(iter(groups)), *args)
+    branches, default = {}, None
+    for decision, names in groups.items():
+        branch = functools.partial(run, decision)
+        if 'cuda' in names:  # also every platform without a plan of its own
+            default = branch
+        else:
+            branches.update(dict.fromkeys(names, branch))
+    return jax.lax.platform_dependent(*args, **branches, default=default)
+
+
+def gram_parts(n: int, plan: Plan) -> int:
+    """How many column blocks ``plan`` sums a Gram of ``n`` columns in (< 2: one product)."""
+    if plan.gram_block is None:
+        return 1
+    parts = min(n // plan.gram_block, 8)
+    return parts if parts >= 4 else 1
+
+
+def gram_matrix(rows: jax.Array, plan: Plan | None = None) -> jax.Array:
+    """``XᵀX`` of ``rows`` as ``plan`` computes it (default: the platform's plan)."""
+
+    def decide(plan: Plan) -> tuple[int, jax.lax.PrecisionLike]:
+        return gram_parts(rows.shape[1], plan), plan.precision
+
+    def run(decision: tuple[int, jax.lax.PrecisionLike], rows: jax.Array) -> jax.Array:
+        parts, precision = decision
+        return gram.gram_of_rows(rows, parts=parts, precision=precision)
+
+    if plan is None:
+        return per_platform(decide, run, rows)
+    return run(decide(plan), rows)
+
+
+CORRELATE_FROM = 32
+"""Rows per phase from which the Gram by shifts correlates whole phases in one
+``lax.conv``; shorter phases (a video stem's few frames) take one matmul per offset,
+which XLA's CPU convolution runs far faster there (measured on CPU: 0.4 s vs 5.6 s)."""
+
+SHIFTS_BELOW = 0.95
+SHIFTS_FROM_BYTES = 2**20
+"""Where a plan allows shifts, ``'auto'`` sums the Gram by shifts where windows overlap
+along the first axis, that takes at most ``SHIFTS_BELOW`` of the patches'
+multiply-adds, and an image's patches would take at least ``SHIFTS_FROM_BYTES``.
+Measured on this project's CPU (``python -m benchmarks.micro``): a 3x7x7/1x2x2 video
+stem by shifts 0.45x the patches' time, while a 3x3/1 stem on 32² images is faster
+by patches (1.1 vs 1.4 ms); patch embeddings (no overlap) keep the patches."""
+
+
+class GramCost(NamedTuple):
+    """Multiply-adds per image of each way to a conv Gram, and the bytes each holds."""
+
+    patches: int
+    shifts: int
+    patches_bytes: int
+    shifts_bytes: int
+    overlap: bool  # whether windows overlap along the first axis, so that rows are shared
+    rows: int  # rows of X per image
+    fan_in: int
+
+
+def gram_cost(
+    padded: Sequence[int], window: unfold.Window, channels: int, itemsize: int
+) -> GramCost:
+    """What each formulation costs for one padded image of spatial size ``padded``."""
+    padded = list(padded)
+    out = window.out(padded)
+    k0, d0, s0 = window.kernel_size[0], window.dilation[0], window.strides[0]
+    n = math.prod(window.kernel_size) * channels
+    return GramCost(
+        patches=math.prod(out) * n * n,
+        shifts=gram_by_shifts.multiply_adds(padded, window, channels),
+        patches_bytes=math.prod(out) * n * itemsize,
+        shifts_bytes=gram_by_shifts.bytes_held(padded, window, channels, itemsize),
+        overlap=(k0 - 1) * d0 >= s0,
+        rows=math.prod(out),
+        fan_in=n,
+    )
+
+
+def method(cost: GramCost, plan: Plan) -> str:
+    """The formulation ``'auto'`` takes under ``plan`` for a conv of this cost."""
+    shifts = (
+        plan.shifts
+        and cost.overlap
+        and cost.shifts <= SHIFTS_BELOW * cost.patches
+        and cost.patches_bytes >= SHIFTS_FROM_BYTES
+    )
+    return 'shifts' if shifts else 'patches'

@@ -1,0 +1,39 @@
+"""The Gram matrix ``XᵀX`` of a matrix of rows, in one product or in column blocks.
+
+Which of the two a platform takes, and at which matmul precision, is decided in
+``choice.py``; this module only computes.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+
+
+def gram_of_rows(rows: jax.Array, *, parts: int, precision: jax.lax.PrecisionLike) -> jax.Array:
+    """``XᵀX`` of ``rows``, in one product (``parts < 2``) or summed in column blocks.
+
+    With ``parts`` blocks of about ``n / parts`` columns each, only the blocks on and
+    above the diagonal are multiplied (4 blocks: 10 of 16 products, 0.62x the
+    multiply-adds; 8: 0.56x) and those below are their exact transposes.
+    """
+    if parts < 2:
+        return jnp.matmul(rows.T, rows, precision=precision)
+    n = rows.shape[1]
+    edges = [i * n // parts for i in range(parts + 1)]
+    columns = [rows[:, lo:hi] for lo, hi in itertools.pairwise(edges)]
+    upper = {
+        (i, j): jnp.matmul(columns[i].T, columns[j], precision=precision)
+        for i, j in itertools.combinations_with_replacement(range(parts), 2)
+    }
+    return symmetric_from_upper(upper, parts)
+
+
+def symmetric_from_upper(upper: dict[tuple[int, int], jax.Array], k: int) -> jax.Array:
+    """The ``k x k`` block matrix whose blocks ``(i, j)``, ``i <= j``, are ``upper``'s and
+    whose blocks below the diagonal are their transposes."""
+    return jnp.block(
+        [[upper[i, j] if i <= j else upper[j, i].T for j in range(k)] for i in range(k)]
+    )
