@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import pathlib
 import platform
 from typing import Any
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import tract_jax
-from benchmarks.micro import LAYERS, Call, interleaved
+from benchmarks.micro import LAYERS, Call, interleaved, layer_shape
 
 LAM = 0.1
 
@@ -83,23 +84,27 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         '--out', type=pathlib.Path, default=pathlib.Path(__file__).parent / 'results'
     )
     args = parser.parse_args(argv)
-    torch_calls = None
+    torch_calls, torch_device = None, None
     if not args.no_torch:
         try:
+            from benchmarks.torch_models import device_name
             from benchmarks.torch_models import first_layer_calls as torch_calls
+
+            torch_device = device_name()
         except ImportError:
             print('torch or torch_tract not installed: tract_jax only', flush=True)
 
     rows = []
     for name in args.layers:
-        shape, kernel, strides, padding, features = LAYERS[name]
+        _, kernel, strides, padding, features = LAYERS[name]
+        shape = layer_shape(name)
         calls = jax_calls(shape, kernel, strides, padding, features)
         frameworks = ['jax']
         if torch_calls is not None and len(kernel) == 2:  # torch_tract: Conv2d only
             calls.update(torch_calls(shape, kernel, strides, padding, features, LAM))
             frameworks.append('torch')
         times = interleaved(calls, runs=args.runs)
-        row = {'layer': name, 'runs': args.runs}
+        row = {'layer': name, 'batch': shape[0], 'runs': args.runs}
         for framework in frameworks:
             row[framework] = {
                 'plain_ms': float(np.median(times[f'{framework} plain'])),
@@ -116,20 +121,33 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         extra = f'{median:+.2f} ({q1:+.2f}, {q3:+.2f})'
         return f'{result["plain_ms"]:.2f} | {result["tract_ms"]:.2f} | {extra}'
 
+    meta = {
+        'date': datetime.date.today().isoformat(),
+        'machine': platform.machine(),
+        'jax_device': str(jax.devices()[0]),
+        'jax': jax.__version__,
+        'torch_device': torch_device,
+        'runs': args.runs,
+    }
+    torch_on = f'; torch on {torch_device}' if torch_device else ''
     lines = [
-        f'Measured {datetime.date.today().isoformat()} on {platform.machine()} '
-        f'({jax.default_backend()}, jax {jax.__version__}), `python -m benchmarks.first_layer`, '
+        f'Measured {meta["date"]} on {platform.machine()} ({meta["jax_device"]}, jax '
+        f'{jax.__version__}{torch_on}), `python -m benchmarks.first_layer`, '
         f'{args.runs} rounds; the first layer alone, forward and backward, medians in ms; '
         'extra: median (quartiles) over rounds of TrAct minus plain in the same round.',
         '',
-        '| layer | plain (jax) | TrAct (tract_jax) | tract_jax extra ms '
+        '| layer | batch | plain (jax) | TrAct (tract_jax) | tract_jax extra ms '
         '| plain (torch) | TrAct (torch_tract) | torch_tract extra ms |',
-        '|---|---|---|---|---|---|---|',
-        *(f'| {row["layer"]} | {cells(row["jax"])} | {cells(row.get("torch"))} |' for row in rows),
+        '|---|---|---|---|---|---|---|---|',
+        *(
+            f'| {row["layer"]} | {row["batch"]} | {cells(row["jax"])} | {cells(row.get("torch"))} |'
+            for row in rows
+        ),
     ]
     print('\n'.join(lines))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / 'first_layer.md').write_text('\n'.join(lines) + '\n')
+    (args.out / 'first_layer.json').write_text(json.dumps({'meta': meta, 'rows': rows}, indent=2))
     return rows
 
 

@@ -37,6 +37,7 @@ import numpy as np
 
 import tract_jax
 from tract_jax._src import solve, statistics
+from tract_jax._src import unfold as unfolding
 
 # name: (input shape, kernel, strides, padding, features)
 LAYERS = {
@@ -46,6 +47,21 @@ LAYERS = {
     'vit_s16 patch embed': ((8, 224, 224, 3), (16, 16), 16, 'VALID', 384),
     'video 3x7x7/1x2x2 stem': ((2, 16, 112, 112, 3), (3, 7, 7), (1, 2, 2), (1, 3, 3), 64),
 }
+ACCELERATOR_BATCH = {  # images per batch on a GPU/TPU: the first H100 run's (issue 19)
+    'resnet18_cifar stem': 128,
+    'vit_tiny4 patch embed': 128,
+    'resnet50 stem': 64,
+    'vit_s16 patch embed': 64,
+    'video 3x7x7/1x2x2 stem': 8,
+}
+
+
+def layer_shape(name: str) -> tuple[int, ...]:
+    """The input shape of a layer here: its CPU batch on a CPU, else the accelerator's."""
+    shape = LAYERS[name][0]
+    if jax.default_backend() == 'cpu':
+        return shape
+    return (ACCELERATOR_BATCH[name], *shape[1:])
 
 
 Call = tuple[Callable[..., Any], tuple[Any, ...]]
@@ -111,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         params = layer.init(jax.random.key(1), x)
         conv = jax.jit(lambda p, x, layer=layer: layer.apply(p, x))
         geometry = statistics.ConvGeometry(kernel, strides, pad)
-        unfold = jax.jit(lambda x, g=geometry: statistics.conv_rows(x, g))
+        unfold = jax.jit(lambda x, g=geometry: unfolding.conv_rows(x, g))
         by = {
             method: jax.jit(
                 lambda x, g=geometry, m=method: statistics.geometry_statistic(x, g, method=m)

@@ -37,8 +37,9 @@ RESULTS = pathlib.Path(__file__).parent / 'results'
 MODELS = {
     'resnet18_cifar': (lambda: models.resnet18(10), 32, 32, 128, 10),
     'vit_tiny4_cifar': (lambda: models.vit_tiny(4, 10), 32, 32, 128, 10),
-    'resnet50_imagenet': (lambda: models.resnet50(1000), 224, 4, 128, 1000),
-    'vit_s16_imagenet': (lambda: models.vit_small(16, 1000), 224, 8, 128, 1000),
+    # batches on an accelerator: the first H100 run's protocol (issue 19)
+    'resnet50_imagenet': (lambda: models.resnet50(1000), 224, 4, 64, 1000),
+    'vit_s16_imagenet': (lambda: models.vit_small(16, 1000), 224, 8, 64, 1000),
     # a model small enough to compile in seconds, for the scripts' smoke tests; no torch twin
     'smoke_cnn': (lambda: models.SmallCNN(10, width=8), 16, 4, 4, 10),
 }
@@ -137,7 +138,11 @@ def bench_torch(name: str, batch: int, pairs: int, warmup: int) -> dict[str, Any
 
     _, side, _, _, classes = MODELS[name]
     result = _summary(*torch_models.bench(name, batch, pairs, warmup, side, classes))
-    result.update(torch=torch.__version__, threads=torch.get_num_threads())
+    result.update(
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        device=torch_models.device_name(),
+    )
     return result
 
 
@@ -229,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         'machine': f'{platform.machine()}, {jax.devices()[0].device_kind}, '
         f'{jax.local_device_count()} device(s)',
         'backend': backend,
+        'jax_device': str(jax.devices()[0]),
         'jax': jax.__version__,
         'command': 'python -m benchmarks.overhead '
         + ' '.join(argv if argv is not None else __import__('sys').argv[1:]),

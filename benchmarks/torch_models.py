@@ -1,7 +1,9 @@
 """The benchmark models in PyTorch, timed plain vs ``torch_tract.TrAct(stem)``.
 
 Imported by ``benchmarks/overhead.py`` only where torch and torch_tract are installed
-(``pip install torch==2.13.0 torch_tract``); the test suite never imports it.
+(``pip install torch==2.13.0 torch_tract``); the test suite never imports it. Runs on
+CUDA where torch sees a GPU (each timed call ends with ``torch.cuda.synchronize()``),
+else on the CPU: :data:`DEVICE` says which, and the benchmarks record it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,20 @@ import time
 import torch
 from torch import nn
 from torch_tract import TrAct
+
+DEVICE = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def device_name() -> str:
+    """What the torch side ran on, for the benchmark records."""
+    if DEVICE.type == 'cuda':
+        return f'cuda: {torch.cuda.get_device_name(DEVICE)}'
+    return f'cpu ({torch.get_num_threads()} threads)'
+
+
+def _sync() -> None:
+    if DEVICE.type == 'cuda':
+        torch.cuda.synchronize(DEVICE)
 
 
 class _Basic(nn.Module):
@@ -109,11 +125,11 @@ def bench(
 ) -> tuple[list[float], list[float]]:
     """Step times (seconds) of the plain and the TrAct model, timed alternately."""
     torch.manual_seed(0)
-    plain = build(name, side, classes)
+    plain = build(name, side, classes).to(DEVICE)
     tract = copy.deepcopy(plain)
     tract.stem = TrAct(tract.stem, l=0.1)
-    x = torch.randn(batch, 3, side, side)
-    y = torch.randint(0, classes, (batch,))
+    x = torch.randn(batch, 3, side, side, device=DEVICE)
+    y = torch.randint(0, classes, (batch,), device=DEVICE)
     runs = {}
     for kind, model in (('plain', plain), ('tract', tract)):
         runs[kind] = (model, torch.optim.Adam(model.parameters(), 1e-3))
@@ -124,6 +140,7 @@ def bench(
         opt.zero_grad(set_to_none=True)
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+        _sync()
         return time.perf_counter() - start
 
     for _ in range(warmup):
@@ -140,9 +157,9 @@ def first_layer_calls(shape, kernel, strides, padding, features, lam):
     a fixed output cotangent, plain and as ``TrAct(conv)``; ``shape`` is channels-last."""
     torch.manual_seed(0)
     batch, height, width, channels = shape
-    x = torch.randn(batch, channels, height, width)
+    x = torch.randn(batch, channels, height, width, device=DEVICE)
     padding = 0 if padding == 'VALID' else padding
-    plain = nn.Conv2d(channels, features, kernel, strides, padding, bias=False)
+    plain = nn.Conv2d(channels, features, kernel, strides, padding, bias=False).to(DEVICE)
     tract = TrAct(copy.deepcopy(plain), l=lam)
     with torch.no_grad():
         cotangent = torch.randn_like(plain(x))
@@ -150,5 +167,6 @@ def first_layer_calls(shape, kernel, strides, padding, features, lam):
     def step(layer):
         layer.weight.grad = None
         layer(x).backward(cotangent)
+        _sync()
 
     return {'torch plain': (step, (plain,)), 'torch TrAct': (step, (tract,))}
