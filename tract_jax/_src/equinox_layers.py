@@ -130,11 +130,12 @@ def _check(layer: Any) -> None:
             'eqx.nn.Linear or eqx.nn.Conv{1,2,3}d (the first layer: a stem conv or patch '
             'embedding).'
         )
-    if isinstance(layer, eqx.nn.Conv) and layer.groups != 1:
-        raise ValueError(
-            f'tract_jax.equinox.convert: groups={layer.groups} (a grouped or depthwise '
-            'convolution) is not supported by TrAct, whose least-squares step is over the '
-            'full fan-in. Convert a conv with groups=1.'
+    if isinstance(layer, eqx.nn.Conv):
+        statistics.check_conv_options(
+            'tract_jax.equinox.convert',
+            layer.groups,
+            field='groups',
+            instead='Convert a conv with groups=1.',
         )
 
 

@@ -260,13 +260,20 @@ def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
     return total
 
 
-def check_conv_options(layer: str, feature_group_count: int, mask: object) -> None:
-    """Rejects conv options for which TrAct's update is not implemented."""
-    if feature_group_count != 1:
+def check_conv_options(
+    layer: str,
+    groups: int,
+    mask: object = None,
+    *,
+    field: str = 'feature_group_count',
+    instead: str = 'Use the plain Flax layer for it, or feature_group_count=1.',
+) -> None:
+    """Rejects conv options for which TrAct's update is not implemented; ``field`` and
+    ``instead`` name the framework's grouping field and what to do instead."""
+    if groups != 1:
         raise ValueError(
-            f'{layer}: feature_group_count={feature_group_count} (a grouped or depthwise '
-            'convolution) is not supported by TrAct, whose least-squares step is over the '
-            'full fan-in. Use the plain Flax layer for it, or feature_group_count=1.'
+            f'{layer}: {field}={groups} (a grouped or depthwise convolution) is not '
+            f'supported by TrAct, whose least-squares step is over the full fan-in. {instead}'
         )
     if mask is not None:
         raise ValueError(
