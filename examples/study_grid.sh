@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The grid behind the README's "When does TrAct help?", in the order run (2-core CPU).
 # Fashion-MNIST needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist).
-# STAGE=1: the claims' cells; STAGE=2: the λ sweep and 5-seed reruns chosen from stage 1.
+# STAGE=1: the claims' cells; STAGE=2: the λ sweep and 5-seed reruns chosen from stage 1;
+# ... STAGE=6: the longer budgets of issue 21.
 set -euo pipefail
 OUT=${OUT:-examples/runs/study}
 STAGE=${STAGE:-1}
@@ -70,6 +71,17 @@ if [ "$STAGE" = 5 ]; then
   run fm_vit7_sgd_s34         "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd --lr 0.03 "${more[@]}"
   run fm_cnnnn_adam_s34        "${fm[@]}" --model cnn_nonorm --optimizer adam --lr 1e-3 "${more[@]}"
   run fm_cnnnn_adam_raw255_s34 "${fm[@]}" --model cnn_nonorm --optimizer adam --lr 1e-3 --standardize raw255 "${more[@]}"
+fi
+if [ "$STAGE" = 6 ]; then
+  # issue 21: does the gain grow, hold or fade with the budget? The same cells at 1-16 epochs
+  # (each budget a full cosine run: 31 epochs per seed and arm). On the 2-core CPU the first
+  # cell took the wall time in its study.json; the others are not run yet.
+  long=(--budgets 1 2 4 8 16 --seeds 0 1 2)
+  run fm_vit7_sgdadam_f1_long "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.1 "${long[@]}"
+  run fm_vit7_adam_long       "${fm[@]}" "${vit[@]}" --patch 7 --optimizer adam --lr 1e-3 "${long[@]}"
+  run fm_vit14_adam_long      "${fm[@]}" "${vit[@]}" --patch 14 --optimizer adam --lr 1e-3 "${long[@]}"
+  run fm_vit7_adam_raw255_long "${fm[@]}" "${vit[@]}" --patch 7 --optimizer adam --lr 1e-3 \
+      --standardize raw255 --budgets 8 16 --seeds 0 1 2
 fi
 if [ "$STAGE" = merge ]; then
   for cell in fm_vit7_adam fm_vit7_adam_raw255 fm_vit14_adam fm_vit7_sgdadam_f1 \
