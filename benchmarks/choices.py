@@ -57,6 +57,12 @@ def statistic_variants(plan: choice.Plan) -> dict[str, tuple[str, choice.Plan]]:
     return variants
 
 
+def _computes(method: str, plan: choice.Plan, n: int) -> tuple[Any, ...]:
+    """What ``method`` under ``plan`` computes for a Gram of ``n`` columns."""
+    parts = choice.gram_parts(n, plan) if method == 'patches' else 1
+    return method, parts, plan.precision
+
+
 def _reference_gram(x: np.ndarray, geometry: unfold.ConvGeometry) -> np.ndarray:
     rows = np.asarray(unfold.conv_rows(jnp.asarray(x), geometry), np.float64)
     return rows.T @ rows
@@ -79,16 +85,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         geometry = unfold.ConvGeometry(kernel, strides, padding)
         x = jax.random.normal(jax.random.key(0), shape)
         picked = statistics.chosen_method(shape, geometry, plan=plan)
-        reference = _reference_gram(np.asarray(x[: args.check_images]), geometry)
+        # at least as many rows as columns, so that the check sees a Gram, not the rows
+        cost = statistics.gram_cost(shape, geometry)
+        check = x[: max(args.check_images, -(-cost.fan_in // cost.rows))]
+        reference = _reference_gram(np.asarray(check), geometry)
         calls, errors = {}, {}
-        for label, (method, variant) in statistic_variants(plan).items():
+        variants = statistic_variants(plan)
+        for label, (method, variant) in variants.items():
             fn = jax.jit(
                 lambda x, m=method, p=variant, g=geometry: (
                     statistics.geometry_statistic(x, g, method=m, plan=p).gram
                 )
             )
             try:
-                small = np.asarray(fn(x[: args.check_images]), np.float64)
+                small = np.asarray(fn(check), np.float64)
                 calls[label] = (fn, (x,))
             except Exception as error:  # an unsupported preset fails to compile
                 print(f'{name}: {label} does not run here: {error}', flush=True)
@@ -109,12 +119,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             got = np.asarray(fn(matrix, rhs), np.float64)
             errors[label] = float(np.linalg.norm(got - truth) / np.linalg.norm(truth))
         times = interleaved(calls, runs=args.runs)
-        current = {
-            f'{picked}, '
-            + ('column blocks' if choice.gram_parts(n, plan) > 1 else 'one product')
-            + f', {getattr(plan.precision, "name", plan.precision)}',
-            'native Cholesky' if plan.native_cholesky else 'XLA-built Cholesky',
-        }
+        current = {  # the variants that compute what the plan computes (there may be two)
+            label
+            for label, (method, variant) in variants.items()
+            if _computes(method, variant, n) == _computes(picked, plan, n)
+        } | {'native Cholesky' if plan.native_cholesky else 'XLA-built Cholesky'}
         row = {
             'layer': name,
             'batch': shape[0],

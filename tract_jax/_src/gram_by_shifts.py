@@ -27,10 +27,10 @@ import jax.numpy as jnp
 
 from tract_jax._src import gram, unfold
 
-Plan = dict[tuple[int, int], tuple[int, int, int, int]]
+ShiftPlan = dict[tuple[int, int], tuple[int, int, int, int]]
 
 
-def shift_plan(k0: int, s0: int, d0: int) -> Plan:
+def shift_plan(k0: int, s0: int, d0: int) -> ShiftPlan:
     """For each Gram block ``(a, a + Δ)``, ``Δ ≥ 0``, of the offsets along the first axis:
     ``(phase, partner phase, j0, offset)``. Its rows ``t = d·a + s·i`` are rows ``j0 + i``
     of phase ``d·a mod s``, against rows ``j0 + i + offset`` of the partner phase."""
@@ -43,7 +43,7 @@ def shift_plan(k0: int, s0: int, d0: int) -> Plan:
     return plan
 
 
-def offset_ranges(plan: Plan) -> dict[tuple[int, int], tuple[int, int]]:
+def offset_ranges(plan: ShiftPlan) -> dict[tuple[int, int], tuple[int, int]]:
     """The smallest and largest offset at which the plan's blocks use each pair of phases."""
     ranges: dict[tuple[int, int], tuple[int, int]] = {}
     for phase, partner_phase, _, offset in plan.values():
