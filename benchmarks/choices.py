@@ -37,10 +37,6 @@ FAST_PRESET = {  # the multi-pass products that may reach float32 accuracy faste
 }
 
 
-def _plan() -> choice.Plan:
-    return choice.PLANS.get(jax.default_backend(), choice.GPU)
-
-
 def statistic_variants(plan: choice.Plan) -> dict[str, tuple[str, choice.Plan]]:
     """name: (method, plan) for every way to sum the Gram that this platform can run."""
     highest = jax.lax.Precision.HIGHEST
@@ -77,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         '--out', type=pathlib.Path, default=pathlib.Path(__file__).parent / 'results'
     )
     args = parser.parse_args(argv)
-    plan = _plan()
+    plan = choice.plan_of(jax.default_backend())
     rows = []
     for name in args.layers:
         _, kernel, strides, padding, _ = LAYERS[name]

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import tract_jax
-from tract_jax._src import solve, statistics
+from tract_jax._src import choice, solve, statistics
 from tract_jax._src import unfold as unfolding
 
 # name: (input shape, kernel, strides, padding, features)
@@ -120,8 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     work = jax.random.normal(jax.random.key(2), (1536, 1536))
     matmul = jax.jit(lambda w: w @ w)
     statistic_rows, solve_rows = [], []
+    plan = choice.plan_of(jax.default_backend())
     for name in args.layers:
-        shape, kernel, strides, pad, features = LAYERS[name]
+        _, kernel, strides, pad, features = LAYERS[name]
+        shape = layer_shape(name)
         x = jax.random.normal(jax.random.key(0), shape)
         layer = tract_jax.Conv(features, kernel, strides, padding=pad, use_bias=False)
         params = layer.init(jax.random.key(1), x)
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             )
             for method in ('patches', 'shifts')
         }
-        chosen = statistics.chosen_method(shape, geometry)
+        chosen = statistics.chosen_method(shape, geometry, plan=plan)
         stat = by[chosen](x)
         n = math.prod(kernel) * shape[-1]
         grad = jnp.ones((*kernel, shape[-1], features))

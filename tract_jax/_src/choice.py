@@ -106,6 +106,12 @@ PLANS = {'cpu': CPU, 'cuda': GPU, 'rocm': GPU, 'tpu': TPU}
 """The plan of each platform ``lax.platform_dependent`` knows."""
 
 
+def plan_of(platform: str) -> Plan:
+    """The plan a step lowered for ``platform`` runs (the GPU's for any other platform,
+    as :func:`per_platform` does)."""
+    return PLANS.get(platform, GPU)
+
+
 def per_platform(decide: Callable[[Plan], Hashable], run: Callable[..., Any], *args: Any) -> Any:
     """``run(decide(plan), *args)`` for the plan of the platform the step is lowered for.
 
