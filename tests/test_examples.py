@@ -1,6 +1,7 @@
 """Smoke tests of the examples: they run, train, and fail clearly on missing data."""
 
 import json
+import math
 
 import pytest
 
@@ -195,3 +196,41 @@ def test_study_merges_runs_of_other_seeds(tmp_path):
     assert merged['summary']['arms']['TrAct λ=0.1']['paired'][1]['mean'] == 1.0
     with pytest.raises(ValueError, match='seed appears twice'):
         study.main(['--merge', str(tmp_path / 'a'), str(tmp_path / 'a'), '--out', str(tmp_path)])
+
+
+def test_trend_reads_one_setting_across_studies_and_pairs_e_with_2e(tmp_path):
+    """Budgets of one setting come from several studies, each from the one with the most
+    seeds; other settings stay apart; 'E vs 2E' pairs TrAct at E with plain at 2E by seed."""
+    from examples import trend
+
+    def report(name, describe, seeds, budgets):  # accuracy: 70 + budget + seed (+1 for TrAct)
+        runs = {
+            arm: {
+                str(b): {
+                    'test_acc': [70.0 + b + s + shift for s in seeds],
+                    'final_loss': [1.0 / b - shift / 10 for _ in seeds],
+                }
+                for b in budgets
+            }
+            for arm, shift in (('plain', 0.0), ('TrAct λ=0.1', 1.0))
+        }
+        path = tmp_path / f'{name}.json'
+        path.write_text(json.dumps({'args': {'seeds': seeds}, 'describe': describe, 'runs': runs}))
+        return path
+
+    paths = [
+        report('short', 'A', [0, 1, 2, 3, 4], [1, 2, 4]),
+        report('long', 'A', [0, 1, 2], [1, 2, 4, 8]),
+        report('other', 'B', [0, 1], [1, 2]),
+    ]
+    found = trend.main([*map(str, paths), '--labels', 'first', '--out', str(tmp_path / 't')])
+    assert list(found) == ['A', 'B']
+    assert {b: len(c.seeds) for b, c in found['A'].items()} == {1: 5, 2: 5, 4: 5, 8: 3}
+    assert found['A'][1].delta('acc')['mean'] == pytest.approx(1.0)
+    assert found['A'][1].delta('loss')['mean'] == pytest.approx(-0.1)
+    double = trend.reaches_double(found['A'])
+    assert double[1]['mean'] == pytest.approx(0.0) and double[1]['se'] == 0.0  # 71+s vs 72+s−1
+    assert double[4]['mean'] == pytest.approx(77 - 79) and math.isnan(double[4]['low'])
+    table = (tmp_path / 't' / 'trend.md').read_text()
+    assert '| first | 8 | 3 |' in table and '| B | 2 | 2 |' in table
+    assert (tmp_path / 't' / 'trend.png').stat().st_size > 0
