@@ -98,3 +98,9 @@ if [ "$STAGE" = merge ]; then
     fi
   done
 fi
+if [ "$STAGE" = 7 ]; then
+  # issue 21: is stage 6's fade the 10,000-image subset? The same cell on all 60,000 training
+  # images: 4 epochs there are 1,872 steps, more than 16 epochs of the subset (1,248)
+  run fm60k_vit7_sgdadam_f1 --dataset fashion_mnist --budgets 1 2 4 --batch-size 128 "${vit[@]}" \
+      --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.1 --seeds 0 1 2
+fi
