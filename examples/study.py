@@ -298,15 +298,10 @@ def plot(args, runs: dict, summary: dict, budgets: list[int], path: pathlib.Path
         ax.fill_between(budgets, mean - half, mean + half, alpha=0.2)
         if arm in summary['arms']:
             p = [summary['arms'][arm]['paired'][b] for b in budgets]
-            mid = np.array([q['mean'] for q in p])
-            err = np.array([[q['mean'] - q['low'], q['high'] - q['mean']] for q in p]).T
-            delta.errorbar(budgets, mid, yerr=err, marker='o', capsize=4, color=line.get_color())
+            errorbars(delta, budgets, p, color=line.get_color())
     delta.axhline(0, color='black', lw=0.8)
     for a in (ax, delta):
-        a.set_xscale('log', base=2)
-        a.set_xticks(budgets, [str(b) for b in budgets])
-        a.set_xlabel('epochs (each a full cosine run)')
-        a.grid(alpha=0.3)
+        budget_axis(a, budgets)
     ax.set_ylabel('test accuracy [%]')
     delta.set_ylabel('TrAct − plain [points], paired, 95% CI')
     ax.legend(fontsize=8)
@@ -314,6 +309,21 @@ def plot(args, runs: dict, summary: dict, budgets: list[int], path: pathlib.Path
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def errorbars(ax, x, pairs: list[dict], **kwargs) -> None:
+    """Paired differences (``paired``'s dicts) at ``x`` with their 95% intervals."""
+    mid = np.array([p['mean'] for p in pairs])
+    err = np.array([[p['mean'] - p['low'], p['high'] - p['mean']] for p in pairs]).T
+    ax.errorbar(x, mid, yerr=err, marker='o', capsize=4, **kwargs)
+
+
+def budget_axis(ax, budgets: list[int]) -> None:
+    """Epoch budgets on a log₂ axis, each labelled."""
+    ax.set_xscale('log', base=2)
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel('epochs (each a full cosine run)')
+    ax.grid(alpha=0.3)
 
 
 def build_parser() -> argparse.ArgumentParser:

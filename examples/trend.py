@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from examples import study
 from examples.study import paired
 
 
@@ -127,16 +128,10 @@ def plot(found: dict[str, dict[int, Cell]], arm: str, path: pathlib.Path, labels
     for i, (label, cells) in enumerate(renamed(found, labels).items()):
         x = np.array(list(cells)) * 2 ** (0.04 * (i - (len(found) - 1) / 2))  # side by side
         for ax, key in ((acc_ax, 'acc'), (loss_ax, 'loss')):
-            p = [c.delta(key) for c in cells.values()]
-            mid = np.array([q['mean'] for q in p])
-            err = np.array([[q['mean'] - q['low'], q['high'] - q['mean']] for q in p]).T
-            ax.errorbar(x, mid, yerr=err, marker='o', capsize=3, label=label)
+            study.errorbars(ax, x, [c.delta(key) for c in cells.values()], label=label)
     for ax in (acc_ax, loss_ax):
         ax.axhline(0, color='black', lw=0.8)
-        ax.set_xscale('log', base=2)
-        ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.set_xlabel('epochs (each a full cosine run)')
-        ax.grid(alpha=0.3)
+        study.budget_axis(ax, budgets)
     acc_ax.set_ylabel('test accuracy: TrAct − plain [points]')
     loss_ax.set_ylabel('last-epoch training loss: TrAct − plain')
     acc_ax.legend(fontsize=7)
