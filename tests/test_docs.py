@@ -25,6 +25,16 @@ def test_readme_stays_a_front_door():
     assert len((ROOT / 'README.md').read_text().splitlines()) <= 200
 
 
+def test_the_study_page_shows_every_committed_cell():
+    """A cell committed under examples/study_results/ and left off the study page would be a
+    result nobody reads; the page includes each cell's own table."""
+    page = (ROOT / 'docs' / 'results' / 'study.md').read_text()
+    cells = sorted((ROOT / 'examples' / 'study_results').glob('*/study.md'))
+    assert cells
+    missing = [c.parent.name for c in cells if f'--8<-- "{c.relative_to(ROOT)}"' not in page]
+    assert not missing, f'docs/results/study.md does not include {missing}'
+
+
 @pytest.mark.parametrize(
     'page, index, code',
     SNIPPETS,
