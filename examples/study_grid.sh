@@ -104,3 +104,12 @@ if [ "$STAGE" = 7 ]; then
   run fm60k_vit7_sgdadam_f1 --dataset fashion_mnist --budgets 1 2 4 --batch-size 128 "${vit[@]}" \
       --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.1 --seeds 0 1 2
 fi
+if [ "$STAGE" = gpu ]; then
+  # issue 21 on an accelerator (one device call): the headline and Adam cells on all 60,000
+  # images up to 32 epochs, seeds vmapped. DATA: a folder with the IDX files, e.g. a copy of
+  # /usr/share/datasets/fashion-mnist carried in an ignored folder (30 MB).
+  full=(--dataset fashion_mnist --data-dir "${DATA:-/usr/share/datasets/fashion-mnist}"
+        --batch-size 128 --budgets 1 2 4 8 16 32 --seeds 0 1 2 3 4 "${vit[@]}" --patch 7)
+  run gpu_fm60k_vit7_sgdadam_f1 "${full[@]}" --optimizer sgd_adam --lr 1e-3 --first-lr 0.1
+  run gpu_fm60k_vit7_adam       "${full[@]}" --optimizer adam --lr 1e-3
+fi
