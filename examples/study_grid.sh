@@ -113,3 +113,15 @@ if [ "$STAGE" = gpu ]; then
   run gpu_fm60k_vit7_sgdadam_f1 "${full[@]}" --optimizer sgd_adam --lr 1e-3 --first-lr 0.1
   run gpu_fm60k_vit7_adam       "${full[@]}" --optimizer adam --lr 1e-3
 fi
+if [ "$STAGE" = trend ]; then
+  # the README's and the study page's table and plot of TrAct − plain against the budget,
+  # from the committed cells (a budget run in two cells is taken from the one with more seeds)
+  r=examples/study_results
+  python -m examples.trend \
+    $r/fm_vit7_sgdadam_f1_long_5seeds/study.json $r/fm60k_vit7_sgdadam_f1/study.json \
+    $r/fm_vit7_adam_long_5seeds/study.json $r/fm_vit14_adam_long_5seeds/study.json \
+    $r/fm_vit7_adam_raw255_5seeds/study.json $r/fm_vit7_adam_raw255_long/study.json \
+    --labels 'p7, SGD first layer' 'p7, SGD first layer, 60k images' 'p7, Adam' 'p14, Adam' \
+      'p7, Adam, [0, 255]' \
+    --out docs/results/trend
+fi

@@ -141,7 +141,8 @@ def plot(found: dict[str, dict[int, Cell]], arm: str, path: pathlib.Path, labels
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[int, Cell]]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line; a function so that scripts calling this one can be checked."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('studies', type=pathlib.Path, nargs='+', help='study.json files')
     parser.add_argument('--arm', default='TrAct λ=0.1', help='the TrAct arm to compare')
@@ -152,6 +153,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[int, Cell]]:
         help='short names of the settings, in the order first read',
     )
     parser.add_argument('--out', type=pathlib.Path, default=pathlib.Path('examples/runs/trend'))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict[int, Cell]]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     found = settings(args.studies, args.arm)
     if not found:

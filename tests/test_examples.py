@@ -153,7 +153,7 @@ def test_every_command_of_the_example_scripts_parses(script, tmp_path):
     import pathlib
     import subprocess
 
-    from examples import study
+    from examples import study, trend
 
     bin_dir, calls = tmp_path / 'bin', tmp_path / 'calls'
     bin_dir.mkdir()
@@ -170,7 +170,11 @@ def test_every_command_of_the_example_scripts_parses(script, tmp_path):
         )
     commands = [f.read_text().split('\0')[:-1] for f in calls.iterdir()]
     assert len(commands) >= 4
-    parsers = {'examples.train': train.build_parser(), 'examples.study': study.build_parser()}
+    parsers = {
+        'examples.train': train.build_parser(),
+        'examples.study': study.build_parser(),
+        'examples.trend': trend.build_parser(),
+    }
     for command in commands:
         assert command[0] == '-m' and command[1] in parsers, command
         parsers[command[1]].parse_args(command[2:])  # exits (SystemExit) on a bad option
