@@ -2,7 +2,9 @@
 # The grid behind the README's "When does TrAct help?", in the order run (2-core CPU).
 # Fashion-MNIST needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist).
 # STAGE=1: the claims' cells; STAGE=2: the λ sweep and 5-seed reruns chosen from stage 1;
-# ... STAGE=6: the longer budgets of issue 21.
+# ... STAGE=6: the longer budgets of issue 21; STAGE=7: the headline cell on all 60,000 images;
+# STAGE=merge: 5-seed cells from seeds 0-2 and 3-4; STAGE=trend: the budget trend from the
+# committed cells; STAGE=gpu: issue 21's longest budgets on an accelerator.
 set -euo pipefail
 OUT=${OUT:-examples/runs/study}
 STAGE=${STAGE:-1}
@@ -75,7 +77,7 @@ fi
 if [ "$STAGE" = 6 ]; then
   # issue 21: does the gain grow, hold or fade with the budget? The same cells at 1-16 epochs
   # (each budget a full cosine run: 31 epochs per seed and arm). On the 2-core CPU the first
-  # cells took the wall time in their study.json (seeds 0-2: 24 min, 3-4: 15 min).
+  # cells took the wall time in their study.json (seeds 0-2: 8-24 min, 3-4: 6-15 min).
   long=(--budgets 1 2 4 8 16 --seeds 0 1 2)
   run fm_vit7_sgdadam_f1_long "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.1 "${long[@]}"
   run fm_vit7_sgdadam_f1_long_s34 "${fm[@]}" "${vit[@]}" --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.1 \
@@ -87,11 +89,13 @@ if [ "$STAGE" = 6 ]; then
   # seeds 3 and 4 where the 3-seed differences were within two standard errors (merged below)
   run fm_vit7_adam_long_s34   "${fm[@]}" "${vit[@]}" --patch 7 --optimizer adam --lr 1e-3 \
       --budgets 1 2 4 8 16 --seeds 3 4
+  run fm_vit14_adam_long_s34  "${fm[@]}" "${vit[@]}" --patch 14 --optimizer adam --lr 1e-3 \
+      --budgets 1 2 4 8 16 --seeds 3 4
 fi
 if [ "$STAGE" = merge ]; then
   for cell in fm_vit7_adam fm_vit7_adam_raw255 fm_vit14_adam fm_vit7_sgdadam_f1 \
       fm_vit7_sgdadam_f01 fm_vit7_sgd fm_cnnnn_adam fm_cnnnn_adam_raw255 fm_vit7_sgdadam_f1_long \
-      fm_vit7_adam_long; do
+      fm_vit7_adam_long fm_vit14_adam_long; do
     if [ -f "$OUT/${cell}_s34/study.json" ]; then
       python -m examples.study --merge "$OUT/$cell/study.json" "$OUT/${cell}_s34/study.json" \
         --out "$OUT/${cell}_5seeds"
