@@ -206,7 +206,8 @@ def test_study_merges_runs_of_other_seeds(tmp_path):
 
 def test_trend_reads_one_setting_across_studies_and_pairs_e_with_2e(tmp_path):
     """Budgets of one setting come from several studies, each from the one with the most
-    seeds; other settings stay apart; 'E vs 2E' pairs TrAct at E with plain at 2E by seed."""
+    seeds; other settings stay apart; 'E vs 2E' pairs TrAct at E with plain at 2E on the
+    seeds both budgets ran."""
     from examples import trend
 
     def report(name, describe, seeds, budgets):  # accuracy: 70 + budget + seed (+1 for TrAct)
@@ -228,6 +229,7 @@ def test_trend_reads_one_setting_across_studies_and_pairs_e_with_2e(tmp_path):
         report('short', 'A', [0, 1, 2, 3, 4], [1, 2, 4]),
         report('long', 'A', [0, 1, 2], [1, 2, 4, 8]),
         report('other', 'B', [0, 1], [1, 2]),
+        report('other seeds', 'B', [5, 6, 7], [2]),
     ]
     found = trend.main([*map(str, paths), '--labels', 'first', '--out', str(tmp_path / 't')])
     assert list(found) == ['A', 'B']
@@ -236,7 +238,9 @@ def test_trend_reads_one_setting_across_studies_and_pairs_e_with_2e(tmp_path):
     assert found['A'][1].delta('loss')['mean'] == pytest.approx(-0.1)
     double = trend.reaches_double(found['A'])
     assert double[1]['mean'] == pytest.approx(0.0) and double[1]['se'] == 0.0  # 71+s vs 72+s−1
-    assert double[4]['mean'] == pytest.approx(77 - 79) and math.isnan(double[4]['low'])
+    assert double[4]['mean'] == pytest.approx(75 - 78) and double[4]['se'] == 0.0  # seeds 0-2
+    apart = trend.reaches_double(found['B'])[1]  # no seed in common: the means, no interval
+    assert apart['mean'] == pytest.approx(72.5 - 78) and math.isnan(apart['low'])
     table = (tmp_path / 't' / 'trend.md').read_text()
-    assert '| first | 8 | 3 |' in table and '| B | 2 | 2 |' in table
+    assert '| first | 8 | 3 |' in table and '| B | 2 | 3 |' in table
     assert (tmp_path / 't' / 'trend.png').stat().st_size > 0
