@@ -107,6 +107,8 @@ if [ "$STAGE" = 7 ]; then
   # images: 4 epochs there are 1,872 steps, more than 16 epochs of the subset (1,248)
   run fm60k_vit7_sgdadam_f1 --dataset fashion_mnist --budgets 1 2 4 --batch-size 128 "${vit[@]}" \
       --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.1 --seeds 0 1 2
+  run fm60k_vit7_sgdadam_f1_e8 --dataset fashion_mnist --budgets 8 --batch-size 128 "${vit[@]}" \
+      --patch 7 --optimizer sgd_adam --lr 1e-3 --first-lr 0.1 --seeds 0 1 2
 fi
 if [ "$STAGE" = gpu ]; then
   # issue 21 on an accelerator (one device call): the headline and Adam cells on all 60,000
@@ -123,6 +125,7 @@ if [ "$STAGE" = trend ]; then
   r=examples/study_results
   python -m examples.trend \
     $r/fm_vit7_sgdadam_f1_long_5seeds/study.json $r/fm60k_vit7_sgdadam_f1/study.json \
+    $r/fm60k_vit7_sgdadam_f1_e8/study.json \
     $r/fm_vit7_adam_long_5seeds/study.json $r/fm_vit14_adam_long_5seeds/study.json \
     $r/fm_vit7_adam_raw255_5seeds/study.json $r/fm_vit7_adam_raw255_long/study.json \
     --labels 'p7, SGD first layer' 'p7, SGD first layer, 60k images' 'p7, Adam' 'p14, Adam' \
