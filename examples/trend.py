@@ -1,7 +1,8 @@
 """TrAct − plain against the training budget, one line per setting, from study.json files.
 
-    python -m examples.trend examples/study_results/*_long*/study.json \\
-        examples/study_results/fm_vit14_adam_5seeds/study.json --out docs/results/trend
+    python -m examples.trend a/study.json b/study.json --labels 'short name' --out DIR
+
+(``STAGE=trend bash examples/study_grid.sh`` runs it on the committed cells.)
 
 A setting is what a study trained (its ``describe`` line) and one TrAct arm. Studies of one
 setting run with other budgets or seeds are read together; at each budget the study with the
@@ -23,7 +24,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from examples import study
-from examples.study import paired
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Cell:
 
     def delta(self, of: str) -> dict:
         """TrAct − plain paired by seed, of ``'acc'`` (test accuracy) or ``'loss'``."""
-        return paired(getattr(self, f'tract_{of}'), getattr(self, f'plain_{of}'))
+        return study.paired(getattr(self, f'tract_{of}'), getattr(self, f'plain_{of}'))
 
 
 def settings(paths: list[pathlib.Path], arm: str) -> dict[str, dict[int, Cell]]:
@@ -76,7 +76,7 @@ def reaches_double(cells: dict[int, Cell]) -> dict[int, dict]:
         tract = [cell.tract_acc[cell.seeds.index(s)] for s in common]
         plain = [double.plain_acc[double.seeds.index(s)] for s in common]
         if len(common) >= 2:
-            out[budget] = paired(tract, plain)
+            out[budget] = study.paired(tract, plain)
         else:
             mean = float(np.mean(cell.tract_acc) - np.mean(double.plain_acc))
             out[budget] = {'mean': mean, 'low': math.nan, 'high': math.nan, 'se': math.nan}
