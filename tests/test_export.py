@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 from flax import nnx
+from jax import export
 
 import tract_jax
 import tract_jax.equinox
@@ -169,7 +170,7 @@ FRONT_ENDS = {'linen': _linen_step, 'nnx': _nnx_step, 'equinox': _equinox_step}
 def _export(make_step, shape, stem, tract, platform):
     step, args = make_step(shape, stem, tract)
     y = jax.ShapeDtypeStruct((shape[0],), jnp.int32)
-    return jax.export.export(jax.jit(step), platforms=[platform])(*args, y)
+    return export.export(jax.jit(step), platforms=[platform])(*args, y)
 
 
 @pytest.mark.parametrize('platform', PLATFORMS)
@@ -186,7 +187,9 @@ def test_step_adds_no_control_flow_on_accelerators(front_end, stem, platform):
     assert data_dependent_control_flow(text) == data_dependent_control_flow(plain.mlir_module())
     assert 'callback' not in text.lower()
     if platform == 'cuda':  # the native solve: cuSOLVER's Cholesky, no eigensolver
-        assert 'potrf' in text and 'syevd' not in text
+        # jax 0.10 exports the potrf call; jax 0.7 a stablehlo.cholesky, which XLA:GPU
+        # compiles to the same cuSOLVER potrf.
+        assert ('potrf' in text or 'stablehlo.cholesky' in text) and 'syevd' not in text
 
 
 @pytest.mark.parametrize('platform', PLATFORMS)
@@ -213,7 +216,7 @@ def test_the_counter_sees_a_data_dependent_cond():
     def f(x):
         return jax.lax.cond(x.sum() > 0, lambda: x, lambda: -x)
 
-    text = jax.export.export(jax.jit(f), platforms=['cuda'])(jnp.ones(3)).mlir_module()
+    text = export.export(jax.jit(f), platforms=['cuda'])(jnp.ones(3)).mlir_module()
     assert data_dependent_control_flow(text)['case'] == 1
 
 
@@ -231,7 +234,7 @@ def test_statistics_lower_at_the_plans_precision(case, platform):
     shape, fields, method = STATISTIC_CASES[case]
     geometry = statistics.ConvGeometry(*fields)
     fn = jax.jit(lambda x: statistics.geometry_statistic(x, geometry, method=method).gram)
-    text = jax.export.export(fn, platforms=[platform])(jax.ShapeDtypeStruct(shape, jnp.float32))
+    text = export.export(fn, platforms=[platform])(jax.ShapeDtypeStruct(shape, jnp.float32))
     products = [
         line
         for line in text.mlir_module().splitlines()

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tract_jax._src import statistic
+from tract_jax._src import internals, statistic
 
 
 def accumulate(*tract_stats: Any) -> Any:
@@ -108,7 +108,13 @@ class MultiSteps:
       should_skip_update_fn: as in ``optax.MultiSteps``; a skipped mini-step's
         statistics are not accumulated either.
       accumulator_dtype: dtype of the accumulated gradients (statistics are summed in
-        their own dtype, float32 or wider).
+        their own dtype, float32 or wider); ``None`` for the parameters' dtype. With
+        optax older than 0.2.8, whose ``MultiSteps`` accumulates in the parameters'
+        dtype, only that dtype (or ``None``) is accepted.
+
+    Raises:
+      ValueError: at ``init``, with optax older than 0.2.8, if ``accumulator_dtype``
+        is not the dtype of every floating-point parameter.
 
     Examples:
       >>> import jax, jax.numpy as jnp, optax, tract_jax
@@ -139,12 +145,16 @@ class MultiSteps:
         should_skip_update_fn: optax.transforms.ShouldSkipUpdateFunction | None = None,
         accumulator_dtype: Any = jnp.float32,
     ):
+        dtype = {'accumulator_dtype': accumulator_dtype}
+        self._unsupported_dtype = None
+        if not internals.MULTI_STEPS_HAS_ACCUMULATOR_DTYPE:
+            dtype, self._unsupported_dtype = {}, accumulator_dtype
         self._multi_steps = optax.MultiSteps(
             opt,
             every_k_schedule,
             use_grad_mean=use_grad_mean,
             should_skip_update_fn=should_skip_update_fn,
-            accumulator_dtype=accumulator_dtype,
+            **dtype,
         )
         self._zero_stats = jax.tree.map(_zeros_like, stats_like, is_leaf=statistic.is_statistic)
 
@@ -155,6 +165,8 @@ class MultiSteps:
 
     def init(self, params: optax.Params) -> MultiStepsState:
         """The initial state: no mini-step taken, nothing accumulated."""
+        if self._unsupported_dtype is not None:
+            _check_accumulates_in_params_dtype(self._unsupported_dtype, params)
         return MultiStepsState(self._multi_steps.init(params), self._zero_stats)
 
     def update(
@@ -198,3 +210,21 @@ class MultiSteps:
     def gradient_transformation(self) -> optax.GradientTransformationExtraArgs:
         """This wrapper as an optax ``GradientTransformationExtraArgs``."""
         return optax.GradientTransformationExtraArgs(self.init, self.update)
+
+
+def _check_accumulates_in_params_dtype(dtype: Any, params: optax.Params) -> None:
+    """Fails unless optax's ``MultiSteps``, which before 0.2.8 accumulates in the
+    parameters' dtype, accumulates in ``dtype``."""
+    want = jax.dtypes.canonicalize_dtype(dtype)
+    others = {
+        str(leaf.dtype)
+        for leaf in jax.tree.leaves(params)
+        if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != want
+    }
+    if others:
+        raise ValueError(
+            f'tract_jax.MultiSteps: accumulator_dtype={want} needs optax >= 0.2.8; '
+            f"optax {optax.__version__} accumulates gradients in the parameters' dtype "
+            f'({", ".join(sorted(others))} here). Upgrade optax, or pass '
+            "accumulator_dtype=None to accumulate in the parameters' dtype."
+        )

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import jax
 from flax import nnx
 
-from tract_jax._src import passes, statistic, statistics, unfold
+from tract_jax._src import internals, passes, statistic, statistics, unfold
 
 STAT_ATTRIBUTE = 'tract_stats'
 """The attribute of a TrAct NNX layer that holds its statistic between steps."""
@@ -38,7 +38,9 @@ def _record(module: nnx.Module, make_stat: Callable[[], statistic.Statistic]) ->
     stat = make_stat()
     previous = getattr(module, STAT_ATTRIBUTE, None)
     if isinstance(previous, TractStatistics) and _mark(previous).is_current(trace):
-        previous.set_value(statistic.merge(previous.get_value(), stat))
+        internals.set_variable_value(
+            previous, statistic.merge(internals.variable_value(previous), stat)
+        )
     else:
         setattr(module, STAT_ATTRIBUTE, TractStatistics(stat, tract_pass=passes.PassMark(trace)))
 

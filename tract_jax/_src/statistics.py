@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tract_jax._src import choice, gram, gram_by_shifts, statistic, unfold
+from tract_jax._src import choice, gram, gram_by_shifts, internals, statistic, unfold
 from tract_jax._src.statistic import Layout, Statistic
 from tract_jax._src.unfold import ConvGeometry
 
@@ -33,7 +33,7 @@ def _global(fn: Callable[[jax.Array], Statistic], inputs: jax.Array) -> Statisti
     mesh = getattr(jax.typeof(inputs).sharding, 'mesh', None)
     if mesh is None or mesh.empty or jax.sharding.AxisType.Explicit not in mesh.axis_types:
         return fn(inputs)
-    with jax.sharding.use_abstract_mesh(mesh):
+    with internals.use_abstract_mesh(mesh):
         return jax.sharding.auto_axes(fn, out_sharding=jax.sharding.PartitionSpec())(inputs)
 
 
