@@ -1,23 +1,37 @@
 """Data-parallel training with TrAct on a device mesh: one host or a whole pod.
 
-    python examples/distributed.py                 # here: 8 simulated CPU devices
+    python examples/distributed.py                  # here: 8 simulated CPU devices
     python examples/distributed.py --steps 200
+    python examples/distributed.py --processes 2    # 2 processes on localhost, 2 CPUs each
 
 The same code runs on a GPU/TPU pod: start one process per host with
 ``jax.distributed.initialize()`` (done below when JAX_COORDINATOR_ADDRESS or a
 cluster environment is present), build the mesh over ``jax.devices()`` and feed each
-host its slice of the global batch. The batch is sharded over the ``'data'`` axis and
-the parameters are replicated; under ``jax.jit`` XLA sums the per-device parts of
-TrAct's statistic (a Gram matrix and a row count) across the mesh, so the update is
-exactly the one for the global batch. No ``axis_name`` is needed with ``jax.jit``;
-under ``shard_map``/``pmap`` pass ``tract(lam, axis_name='data')`` instead.
+process only its own rows of the global batch
+(``jax.make_array_from_process_local_data``). The batch is sharded over the
+``'data'`` axis and the parameters are replicated; under ``jax.jit`` XLA sums the
+per-device parts of TrAct's statistic (a Gram matrix and a row count) across the
+mesh, across processes too, so the update is exactly the one for the global batch.
+No ``axis_name`` is needed with ``jax.jit``; under ``shard_map``/``pmap`` pass
+``tract(lam, axis_name='data')`` instead.
+
+``--processes N`` shows a multi-host run on this machine: it starts itself N times
+on localhost, each process with 2 simulated CPU devices and gloo's CPU collectives,
+joined by ``jax.distributed.initialize(coordinator, N, process_id)``; every process
+prints its losses, which agree.
 """
 
 import argparse
 import os
+import socket
+import subprocess
 import sys
 
-if 'JAX_COORDINATOR_ADDRESS' not in os.environ and '--real-devices' not in sys.argv:
+if '--process-id' in sys.argv:  # one of the --processes N started below
+    os.environ['XLA_FLAGS'] = (
+        os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
+    )
+elif 'JAX_COORDINATOR_ADDRESS' not in os.environ and '--real-devices' not in sys.argv:
     os.environ['XLA_FLAGS'] = (
         os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
     )
@@ -31,6 +45,24 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from examples import data, models, steps
 
+LAUNCHED = '--process-id' in sys.argv
+
+
+def launch(processes: int, argv: list[str]) -> int:
+    """Runs this script ``processes`` times on localhost, as one job; their exit code."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        coordinator = f'127.0.0.1:{s.getsockname()[1]}'
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    children = [
+        subprocess.Popen(
+            [sys.executable, __file__, *argv, '--coordinator', coordinator, '--process-id', str(i)],
+            env=env,
+        )
+        for i in range(processes)
+    ]
+    return max(abs(child.wait()) for child in children)
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -38,34 +70,58 @@ def main(argv=None):
     parser.add_argument('--batch', type=int, default=128, help='global batch size')
     parser.add_argument('--lam', type=float, default=0.1)
     parser.add_argument('--real-devices', action='store_true', help='do not simulate 8 CPUs')
+    parser.add_argument(
+        '--processes', type=int, default=1, help='processes on localhost, 2 CPU devices each'
+    )
+    parser.add_argument('--coordinator', help=argparse.SUPPRESS)
+    parser.add_argument('--process-id', type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if 'JAX_COORDINATOR_ADDRESS' in os.environ:
+    if args.processes > 1 and not LAUNCHED:
+        sys.exit(launch(args.processes, sys.argv[1:] if argv is None else argv))
+    if LAUNCHED:
+        jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+        jax.distributed.initialize(args.coordinator, args.processes, args.process_id)
+    elif 'JAX_COORDINATOR_ADDRESS' in os.environ:
         jax.distributed.initialize()  # one process per host; reads the cluster environment
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(AxisType.Auto,))
-    print(f'devices: {jax.device_count()}, processes: {jax.process_count()}')
+    prefix = f'[process {jax.process_index()}] ' if jax.process_count() > 1 else ''
+    print(f'{prefix}devices: {jax.device_count()}, processes: {jax.process_count()}')
     batch_sharding = NamedSharding(mesh, P('data'))
-    replicated = NamedSharding(mesh, P())
+
+    def replicated(tree):  # the same values on every device of every process
+        return jax.tree.map(
+            lambda a: jax.make_array_from_process_local_data(
+                NamedSharding(mesh, P()), np.asarray(a)
+            ),
+            tree,
+        )
+
+    def own_rows(rows):  # this process's slice of the global batch, as a global array
+        per_process = len(rows) // jax.process_count()
+        first = jax.process_index() * per_process
+        own = rows[first : first + per_process]
+        return jax.make_array_from_process_local_data(batch_sharding, own)
 
     train, _ = data.load('digits')
     model = models.SmallCNN(num_classes=10)
     variables = model.init(jax.random.key(0), train.images[:1])
     tx = steps.make_optimizer(optax.adam(3e-3), args.lam)
-    params = jax.device_put(variables['params'], replicated)
-    batch_stats = jax.device_put(variables['batch_stats'], replicated)
-    opt_state = jax.device_put(tx.init(params), replicated)
+    params = replicated(variables['params'])
+    batch_stats = replicated(variables['batch_stats'])
+    opt_state = replicated(tx.init(variables['params']))
     step = steps.make_train_step(model, tx, use_tract=True)
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(0)  # the same global batches in every process
     for i in range(args.steps):
         idx = rng.choice(len(train.images), args.batch, replace=False)
-        # On a pod each host would put only its own rows (make_array_from_process_local_data).
-        x = jax.device_put(train.images[idx], batch_sharding)
-        y = jax.device_put(train.labels[idx], batch_sharding)
+        x, y = own_rows(train.images[idx]), own_rows(train.labels[idx])
         params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, x, y)
         if i == 0:
-            print(f'first loss {float(loss):.4f}')
-    print(f'last loss {float(loss):.4f}')
+            print(f'{prefix}first loss {float(loss):.4f}')
+    print(f'{prefix}last loss {float(loss):.4f}')
+    if LAUNCHED:
+        jax.distributed.shutdown()
 
 
 if __name__ == '__main__':

@@ -10,6 +10,7 @@ def x64():
     jax.config.update('jax_enable_x64', False)
 
 
-# make_reference.py needs torch (run by hand, see its docstring); multidevice_check.py
-# is a script run in a subprocess by test_distributed.py (importing it would set x64).
-collect_ignore = ['parity/make_reference.py', 'multidevice_check.py']
+# make_reference.py needs torch (run by hand, see its docstring); multidevice_check.py and
+# multiprocess_check.py are scripts run in subprocesses by test_distributed.py (importing
+# either would set x64 and its device count).
+collect_ignore = ['parity/make_reference.py', 'multidevice_check.py', 'multiprocess_check.py']

@@ -1,12 +1,15 @@
-"""Global-batch statistics on 8 simulated CPU devices (jit over a mesh, shard_map, pmap).
+"""Global-batch statistics on 8 simulated CPU devices (jit over a mesh, shard_map, pmap)
+and across two processes on localhost (jax.distributed, gloo).
 
-XLA_FLAGS has to be set before jax is imported, so the checks run in a subprocess
-(tests/multidevice_check.py); each prints 'ok <name>' after comparing, in float64,
-the distributed update with the single-device update on the whole batch.
+XLA_FLAGS has to be set before jax is imported, so the checks run in subprocesses
+(tests/multidevice_check.py, tests/multiprocess_check.py); each prints 'ok <name>'
+after comparing, in float64, the distributed update with the single-device update on
+the whole batch.
 """
 
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -29,7 +32,7 @@ CHECKS = [
 ]
 
 
-def _run(script, *args):
+def _env():
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
     # The scripts set their own device count; keep the suite's compile flags (conftest.py).
     env['XLA_FLAGS'] = ' '.join(
@@ -37,11 +40,15 @@ def _run(script, *args):
     )
     env['JAX_PLATFORMS'] = 'cpu'  # 8 simulated CPU devices, also where a GPU is present
     env['PYTHONPATH'] = os.pathsep.join([str(HERE.parent), env.get('PYTHONPATH', '')])
+    return env
+
+
+def _run(script, *args):
     return subprocess.run(
         [sys.executable, str(script), *args],
         capture_output=True,
         text=True,
-        env=env,
+        env=_env(),
         timeout=600,
         cwd=HERE.parent,
     )
@@ -69,3 +76,69 @@ def test_distributed_example_trains_on_8_devices():
         if line.startswith(('first loss', 'last loss'))
     )
     assert last < first
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+MULTIPROCESS_CHECKS = [
+    'jit, conv stem, batch 16 over 2 processes x 2 devices',
+    'shard_map, conv stem, batch 16 over 2 processes x 2 devices',
+    'conv stem: without process 1',
+    'jit, dense stem, batch 32 over 2 processes x 2 devices',
+    'shard_map, dense stem, batch 32 over 2 processes x 2 devices',
+    'dense stem: without process 1',
+]
+
+
+@pytest.fixture(scope='module')
+def multiprocess_outputs():
+    """Both processes' lines; each process checks its own copy of the update."""
+    coordinator = f'127.0.0.1:{_free_port()}'
+    processes = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / 'multiprocess_check.py'), coordinator, str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(),
+            cwd=HERE.parent,
+        )
+        for i in range(2)
+    ]
+    outputs = []
+    try:
+        for process in processes:
+            out, _ = process.communicate(timeout=600)
+            assert process.returncode == 0, out
+            outputs.append(out.splitlines())
+    finally:
+        for process in processes:
+            process.kill()
+    return outputs
+
+
+@pytest.mark.parametrize('check', MULTIPROCESS_CHECKS)
+def test_two_processes_update_equals_whole_batch_update(check, multiprocess_outputs):
+    for lines in multiprocess_outputs:
+        assert any(line.startswith(f'ok {check}') for line in lines), lines
+
+
+def test_distributed_example_trains_on_2_processes():
+    result = _run(HERE.parent / 'examples' / 'distributed.py', '--processes', '2', '--steps', '30')
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    for process in (0, 1):
+        prefix = f'[process {process}] '
+        assert f'{prefix}devices: 4, processes: 2' in lines
+        first, last = (
+            float(line.split()[-1])
+            for line in lines
+            if line.startswith((f'{prefix}first loss', f'{prefix}last loss'))
+        )
+        assert last < first
+    losses = {line.split()[-1] for line in lines if 'last loss' in line}
+    assert len(losses) == 1, lines  # one job: both processes hold the same model
