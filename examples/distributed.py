@@ -48,6 +48,12 @@ from examples import data, models, steps
 LAUNCHED = '--process-id' in sys.argv
 
 
+def say(line: str) -> None:
+    """Prints ``line`` in one write: the processes of a --processes run share stdout."""
+    sys.stdout.write(line + '\n')
+    sys.stdout.flush()
+
+
 def launch(processes: int, argv: list[str]) -> int:
     """Runs this script ``processes`` times on localhost, as one job; their exit code."""
     with socket.socket() as s:
@@ -86,7 +92,7 @@ def main(argv=None):
         jax.distributed.initialize()  # one process per host; reads the cluster environment
     mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(AxisType.Auto,))
     prefix = f'[process {jax.process_index()}] ' if jax.process_count() > 1 else ''
-    print(f'{prefix}devices: {jax.device_count()}, processes: {jax.process_count()}')
+    say(f'{prefix}devices: {jax.device_count()}, processes: {jax.process_count()}')
     batch_sharding = NamedSharding(mesh, P('data'))
 
     def replicated(tree):  # the same values on every device of every process
@@ -118,8 +124,8 @@ def main(argv=None):
         x, y = own_rows(train.images[idx]), own_rows(train.labels[idx])
         params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, x, y)
         if i == 0:
-            print(f'{prefix}first loss {float(loss):.4f}')
-    print(f'{prefix}last loss {float(loss):.4f}')
+            say(f'{prefix}first loss {float(loss):.4f}')
+    say(f'{prefix}last loss {float(loss):.4f}')
     if LAUNCHED:
         jax.distributed.shutdown()
 
