@@ -36,6 +36,13 @@ Layout = Literal['features_last', 'features_first']
 
 LAYOUTS: tuple[Layout, ...] = get_args(Layout)
 
+STATISTIC_SCOPE = 'tract_statistic'
+SOLVE_SCOPE = 'tract_solve'
+"""The ``jax.named_scope`` of TrAct's own operations: building a statistic, and the
+solve (with the statistic's reduction over ``axis_name``). XLA keeps them in its op
+names, so a profile or a compiled program shows what TrAct adds to a step
+(``benchmarks/compiled.py`` counts it that way)."""
+
 
 def check_layout(layout: str) -> None:
     """Raises a ``ValueError`` that names both layouts for anything else."""

@@ -69,7 +69,8 @@ def dense_statistic(inputs: jax.Array, *, layout: Layout = 'features_last') -> S
     def of(inputs):
         return statistic.from_rows(unfold.dense_rows(_in_statistic_dtype(inputs)), layout)
 
-    return _global(of, jnp.asarray(inputs))
+    with jax.named_scope(statistic.STATISTIC_SCOPE):
+        return _global(of, jnp.asarray(inputs))
 
 
 def conv_statistic(
@@ -175,8 +176,9 @@ def geometry_statistic(
             return choice.per_platform(decide, run, images)
         return run(decide(plan), images)
 
-    stat = _global(of, jnp.asarray(inputs))
-    return statistic.with_layout(stat, layout, unfold.Window.of(geometry).offsets)
+    with jax.named_scope(statistic.STATISTIC_SCOPE):
+        stat = _global(of, jnp.asarray(inputs))
+        return statistic.with_layout(stat, layout, unfold.Window.of(geometry).offsets)
 
 
 def gram_cost(

@@ -216,14 +216,15 @@ def tract(
             if isinstance(leaves[i], optax.MaskedNode):
                 continue  # masked out by optax.masked / multi_transform
             _check_kernel(path, stat, leaves[i])
-            if axis_name is not None:
-                stat = statistic.all_reduce(stat, axis_name)
-            new = solve.tract_solve(stat, leaves[i], lam_now)
-            # Never let a bad batch's statistics or a bad λ poison the kernel: where the
-            # update is not finite, pass the plain gradient on (and count the step).
-            ok = lam_ok & jnp.all(jnp.isfinite(new)) & statistic.all_finite(stat)
-            fell_back |= ~ok & jnp.all(jnp.isfinite(leaves[i]))
-            leaves[i] = jnp.where(ok, new, leaves[i])
+            with jax.named_scope(statistic.SOLVE_SCOPE):
+                if axis_name is not None:
+                    stat = statistic.all_reduce(stat, axis_name)
+                new = solve.tract_solve(stat, leaves[i], lam_now)
+                # Never let a bad batch's statistics or a bad λ poison the kernel: where
+                # the update is not finite, pass the plain gradient on (and count it).
+                ok = lam_ok & jnp.all(jnp.isfinite(new)) & statistic.all_finite(stat)
+                fell_back |= ~ok & jnp.all(jnp.isfinite(leaves[i]))
+                leaves[i] = jnp.where(ok, new, leaves[i])
         new_state = TractState(
             count=optax.safe_int32_increment(state.count),
             fallbacks=state.fallbacks + fell_back.astype(jnp.int32),
