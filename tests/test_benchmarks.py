@@ -8,7 +8,7 @@ import json
 
 import jax
 
-from benchmarks import choices, first_layer, micro, overhead, profile
+from benchmarks import choices, compiled, first_layer, micro, overhead, profile
 
 
 def test_overhead_writes_json_markdown_and_chart(tmp_path):
@@ -60,3 +60,66 @@ def test_choices_times_and_checks_each_alternative(tmp_path):
     assert all(error < 1e-5 for error in exact.values()), row  # float32 products and solves
     plan = result['meta']['plan']
     assert '* |' in (tmp_path / f'choices_{plan}.md').read_text()  # the plan's own choice
+
+
+SCOPE = 'metadata={op_name="jit(step)/tract_statistic/dot_general"}'
+TPU_HLO = '\n'.join(
+    [
+        'HloModule jit_step',
+        '',
+        '%fused_computation.1 (p: f32[8,27]) -> f32[27,27] {',
+        '  %p = f32[8,27]{1,0} parameter(0)',
+        f'  ROOT %dot.9 = f32[27,27]{{1,0}} dot(%p, %p), {SCOPE}',
+        '}',
+        '',
+        'ENTRY %main (x: f32[8,27]) -> f32[27,27] {',
+        '  %x = f32[8,27]{1,0} parameter(0)',
+        '  %copy.3 = f32[8,27]{1,0} copy(%x), metadata={op_name="jit(step)/stem/conv"}, '
+        'backend_config={"window_config":{"estimated_cycles":"100"}}',
+        '  %fusion.7 = f32[27,27]{1,0} fusion(%copy.3), kind=kOutput, '
+        f'calls=%fused_computation.1, {SCOPE}, '
+        'backend_config={"window_config":{"estimated_cycles":"40"}}',
+        '  ROOT %w = (f32[27,27]{1,0}, s32[]) while(%fusion.7), condition=%c, body=%b',
+        '}',
+    ]
+)
+
+
+def test_compiled_reads_instructions_cycles_and_tract_scopes():
+    found = {i.name: i for i in compiled.instructions(TPU_HLO)}
+    assert set(found) == {'x', 'copy.3', 'fusion.7', 'w'}  # not the fusion's body
+    assert (found['copy.3'].cycles, found['copy.3'].tract) == (100, False)
+    assert (found['fusion.7'].cycles, found['fusion.7'].tract) == (40, True)
+    assert found['fusion.7'].bytes == 27 * 27 * 4 + 8 * 27 * 4
+    assert compiled.control_flow(TPU_HLO) == {'while': 1, 'conditional': 0}
+
+
+def test_compiled_reads_the_thunks_xla_gpu_launches():
+    metadata = """thunk_metadata {
+  thunk_info {
+    profile_annotation: "gemm_fusion_dot.1"
+    thunk_id: 2
+  }
+  thunk_kind: "kCustomKernel"
+}
+thunk_metadata {
+  thunk_info {
+    profile_annotation: "custom-call.3"
+    thunk_id: 3
+  }
+  thunk_kind: "kCustomCall"
+}
+"""
+    assert compiled.thunks(metadata) == [
+        ('kCustomKernel', 'gemm_fusion_dot.1'),
+        ('kCustomCall', 'custom-call.3'),
+    ]
+
+
+def test_a_tract_step_names_its_statistic_and_solve():
+    """The scopes compiled.py counts TrAct's instructions by survive into XLA's program."""
+    step, args = compiled.abstract_step('smoke_cnn', 4, True, None)
+    hlo = step.trace(*args).lower().compile().as_text()
+    ops = [i for i in compiled.instructions(hlo) if i.tract]
+    names = ' '.join(i.op_name for i in ops)
+    assert 'tract_statistic' in names and 'tract_solve' in names

@@ -1,0 +1,406 @@
+"""TrAct's cost on TPU and GPU, priced by their own compilers on a machine without either.
+
+    bash benchmarks/aot_env.sh                     # once: .venv-aot with libtpu and the
+                                                   # CUDA plugin (no GPU libraries needed)
+    .venv-aot/bin/python -m benchmarks.compiled    # every model, TPU v5e and v6e, H100
+    .venv-aot/bin/python -m benchmarks.compiled --targets v5e --models resnet18_cifar
+
+For each model and target it compiles the plain and the TrAct training step
+(``benchmarks/overhead.py``'s steps: Adam, float32, the same model with and without
+TrAct's statistic) with XLA's own compiler for that chip, from abstract shapes, and
+reads what the compiler reports:
+
+- TPU (XLA:TPU in libtpu; v5e and v6e, one chip): the sum of the estimated cycles that
+  XLA:TPU's cost model writes on every scheduled instruction, ``cost_analysis()``'s
+  flops and bytes accessed, ``memory_analysis()``'s temporary bytes, and the number of
+  ``while``/``conditional`` instructions;
+- GPU (XLA:GPU in the CUDA plugin; an H100 SXM, sm_90): the thunk sequence XLA would
+  launch (every kernel and library call), ``conditional``/``while`` thunks and
+  temporary bytes (XLA:GPU gives no cost analysis without a device).
+
+TrAct's own instructions are found by their op names: the statistic and the solve run
+under ``jax.named_scope`` (``tract_statistic``, ``tract_solve``), which XLA keeps in
+each instruction's metadata. Per model the report lists them: estimated cycles and
+bytes per TPU instruction, kernel or library call per GPU thunk.
+
+Writes ``benchmarks/results/compiled.{json,md}`` (with the jax and libtpu versions
+and the date); ``docs/results/benchmarks.md`` includes the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import datetime
+import json
+import math
+import pathlib
+import re
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from benchmarks import overhead
+from examples import steps
+from tract_jax._src import statistic
+
+RESULTS = pathlib.Path(__file__).parent / 'results'
+SCOPES = (statistic.STATISTIC_SCOPE, statistic.SOLVE_SCOPE)
+
+# NVIDIA H100 SXM5 80 GB as XLA:GPU's target description: the limits CUDA reports for
+# compute capability 9.0 and the data sheet's figures (132 SMs, 1.98 GHz boost,
+# 3.35 TB/s HBM3, 50 MiB L2). Written here, so no GPU and no XLA source is needed.
+H100_SXM = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84942979072
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  cuda_compute_capability { major: 9 minor: 0 }
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 10 patch: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A chip to compile for: its platform and how to get its topology."""
+
+    name: str
+    platform: str  # 'tpu' or 'cuda'
+    topology: str
+    batches: dict[str, int]  # per model; models missing here are not compiled for it
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # model: why
+
+
+_TPU_BATCH = 128  # per chip
+_GPU_BATCHES = {  # the first H100 run's protocol (issue 19)
+    'resnet18_cifar': 128,
+    'vit_tiny4_cifar': 128,
+    'resnet50_imagenet': 64,
+    'vit_s16_imagenet': 64,
+    'vit_b16_imagenet': 64,
+}
+MODELS = list(_GPU_BATCHES)
+TARGETS = {
+    'v5e': Target('v5e', 'tpu', 'v5e:1x1', dict.fromkeys(MODELS, _TPU_BATCH)),
+    'v6e': Target(
+        'v6e',
+        'tpu',
+        'v6e:1x1',
+        dict.fromkeys([m for m in MODELS if m != 'resnet50_imagenet'], _TPU_BATCH),
+        # Seen with libtpu 0.0.42.1: a compiler thread's stack overflows on the
+        # ResNet-50 step, plain and TrAct alike; `ulimit -s` does not help.
+        skipped={'resnet50_imagenet': 'XLA:TPU (libtpu 0.0.42.1) crashes compiling it for v6e'},
+    ),
+    'h100': Target('h100', 'cuda', '1x1x1', dict(_GPU_BATCHES)),
+}
+
+
+def sharding(target: Target) -> NamedSharding:
+    """A replicated sharding on one chip of ``target`` (no such chip needed)."""
+    from jax.experimental import topologies
+
+    if target.platform == 'tpu':
+        topology = topologies.get_topology_desc(
+            topology_name=target.topology, platform='tpu', chips_per_host_bounds=(1, 1, 1)
+        )
+    else:
+        topology = topologies.get_topology_desc(
+            platform='cuda', topology=target.topology, target_config=H100_SXM
+        )
+    mesh = jax.sharding.Mesh(np.array(topology.devices[:1]), ('x',))
+    return NamedSharding(mesh, P())
+
+
+def abstract_step(model_name: str, batch: int, use_tract: bool, where: NamedSharding):
+    """``(step, args)``: a model's jitted training step and abstract arguments on ``where``."""
+    factory, side, *_ = overhead.MODELS[model_name]
+    model = factory()
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, side, side, 3)), train=False)
+    )
+    tx = steps.make_optimizer(optax.adam(1e-3), 0.1 if use_tract else None)
+    step = steps.make_train_step(model, tx, use_tract=use_tract)
+
+    def placed(tree):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), tree)
+
+    args = (
+        placed(variables['params']),
+        placed(variables.get('batch_stats', {})),
+        placed(jax.eval_shape(tx.init, variables['params'])),
+        jax.ShapeDtypeStruct((batch, side, side, 3), jnp.float32, sharding=where),
+        jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=where),
+    )
+    return step, args
+
+
+# --- reading XLA:TPU's program ---------------------------------------------------------
+
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+?\[[^\]]*\][^ ]*|\([^=]*?\)) (\S+?)\(')
+_CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_SHAPE = re.compile(r'\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]')
+_ITEMSIZE = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2}
+
+
+def shape_bytes(text: str) -> int:
+    """Bytes of every array shape written in ``text`` (an HLO result or operand list)."""
+    total = 0
+    for dtype, dims in _SHAPE.findall(text):
+        size = math.prod(int(d) for d in dims.split(',') if d)
+        total += size * _ITEMSIZE.get(dtype, 8 if dtype.endswith('64') else 4)
+    return total
+
+
+@dataclasses.dataclass
+class Instruction:
+    """One scheduled instruction of an optimized HLO module."""
+
+    name: str
+    opcode: str
+    cycles: int  # XLA:TPU's estimate; 0 where none is written
+    op_name: str
+    bytes: int  # of its result and operands, as written in the instruction
+
+    @property
+    def tract(self) -> bool:
+        return any(scope in self.op_name for scope in SCOPES)
+
+
+def instructions(hlo: str) -> list[Instruction]:
+    """Every instruction of the optimized module's computations (fusion bodies excluded:
+    their work is the fusion's). Bytes are those of its result and its operands."""
+    found, results, fused = [], {}, False
+    for line in hlo.splitlines():
+        if line and not line[0].isspace():
+            fused = line.startswith('%fused') or ' fused_computation' in line
+            continue
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        name, result, opcode = match.groups()
+        results[name] = shape_bytes(result)
+        if fused:
+            continue
+        cycles = _CYCLES.search(line)
+        op_name = _OP_NAME.search(line)
+        operands = line[match.end() :].split(')')[0]
+        found.append(
+            Instruction(
+                name,
+                opcode,
+                int(cycles.group(1)) if cycles else 0,
+                op_name.group(1) if op_name else '',
+                results[name] + sum(results.get(o, 0) for o in re.findall(r'%([\w.-]+)', operands)),
+            )
+        )
+    return found
+
+
+def control_flow(hlo: str) -> dict[str, int]:
+    """``while`` and ``conditional`` instructions in an optimized module."""
+    ops = collections.Counter(i.opcode for i in instructions(hlo))
+    return {'while': ops['while'], 'conditional': ops['conditional']}
+
+
+def tpu_report(compiled: Any) -> dict[str, Any]:
+    hlo = compiled.as_text()
+    found = instructions(hlo)
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    tract = sorted((i for i in found if i.tract), key=lambda i: -i.cycles)
+    return {
+        'cycles': sum(i.cycles for i in found),
+        'flops': float(cost.get('flops', np.nan)),
+        'bytes': float(cost.get('bytes accessed', np.nan)),
+        'temp_bytes': int(compiled.memory_analysis().temp_size_in_bytes),
+        **control_flow(hlo),
+        'tract_cycles': sum(i.cycles for i in tract),
+        'tract_ops': [dataclasses.asdict(i) for i in tract],
+    }
+
+
+# --- reading XLA:GPU's program ---------------------------------------------------------
+
+_THUNK = re.compile(r'profile_annotation: "([^"]*)"[^}]*}\s*thunk_kind: "(\w+)"')
+
+
+def thunks(metadata: str) -> list[tuple[str, str]]:
+    """``(kind, instruction)`` of every thunk in a ``*.thunk_metadata.txt`` dump: each
+    kernel launch or library call, with the HLO instruction it runs."""
+    return [(kind, name) for name, kind in _THUNK.findall(metadata)]
+
+
+def gpu_report(lowered: Any) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as dump:
+        compiled = lowered.compile(compiler_options={'xla_dump_to': dump})
+        (metadata,) = pathlib.Path(dump).glob('*.thunk_metadata.txt')
+        launched = thunks(metadata.read_text())
+    hlo = compiled.as_text()
+    flow = control_flow(hlo)
+    op_names = {i.name: i.op_name for i in instructions(hlo)}
+    kinds = collections.Counter(kind for kind, _ in launched)
+    tract = [
+        {'kind': kind, 'name': name}
+        for kind, name in launched
+        if any(scope in op_names.get(name, '') for scope in SCOPES)
+    ]
+    return {
+        'thunks': len(launched),
+        'kinds': dict(sorted(kinds.items())),
+        'while': max(kinds['kWhile'], flow['while']),
+        'conditional': max(kinds['kConditional'], flow['conditional']),
+        'temp_bytes': int(compiled.memory_analysis().temp_size_in_bytes),
+        'tract_thunks': tract,
+    }
+
+
+def compile_model(target: Target, model: str, where: NamedSharding) -> dict[str, Any]:
+    """Both steps of ``model`` compiled for ``target``, with the compiler's report of each."""
+    result = {'model': model, 'target': target.name, 'batch': target.batches[model]}
+    for kind, use_tract in (('plain', False), ('tract', True)):
+        step, args = abstract_step(model, target.batches[model], use_tract, where)
+        lowered = step.trace(*args).lower()
+        if target.platform == 'tpu':
+            result[kind] = tpu_report(lowered.compile())
+        else:
+            result[kind] = gpu_report(lowered)
+    return result
+
+
+def pct(tract: float, plain: float) -> float:
+    return 100 * (tract - plain) / plain if plain else float('nan')
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """The markdown report: one table per platform, then TrAct's instructions per model."""
+    out = []
+    tpu = [r for r in rows if 'cycles' in r['plain']]
+    gpu = [r for r in rows if 'thunks' in r['plain']]
+    if tpu:
+        out += [
+            '| TPU | model | batch | est. cycles | bytes accessed | flops | temp | `while` | '
+            "TrAct's own cycles |",
+            '|---|---|---|---|---|---|---|---|---|',
+        ]
+        for r in tpu:
+            p, t = r['plain'], r['tract']
+            out.append(
+                f'| {r["target"]} | {r["model"]} | {r["batch"]} '
+                f'| {pct(t["cycles"], p["cycles"]):+.2f}% | {pct(t["bytes"], p["bytes"]):+.2f}% '
+                f'| {pct(t["flops"], p["flops"]):+.2f}% '
+                f'| {pct(t["temp_bytes"], p["temp_bytes"]):+.2f}% '
+                f'| {p["while"]} → {t["while"]} '
+                f'| {100 * t["tract_cycles"] / p["cycles"]:.2f}% |'
+            )
+    if gpu:
+        out += [
+            '',
+            '| GPU | model | batch | thunks | added | `conditional` | `while` | temp |',
+            '|---|---|---|---|---|---|---|---|',
+        ]
+        for r in gpu:
+            p, t = r['plain'], r['tract']
+            out.append(
+                f'| {r["target"]} | {r["model"]} | {r["batch"]} | {p["thunks"]} → {t["thunks"]} '
+                f'| {t["thunks"] - p["thunks"]:+d} | {p["conditional"]} → {t["conditional"]} '
+                f'| {p["while"]} → {t["while"]} '
+                f'| {pct(t["temp_bytes"], p["temp_bytes"]):+.2f}% |'
+            )
+    for r in tpu:
+        ops = r['tract']['tract_ops']
+        out += [
+            '',
+            f"TrAct's instructions, {r['model']} on {r['target']} (largest first, "
+            f'{len(ops)} in all):',
+            '',
+            '| instruction | opcode | est. cycles | bytes | op name |',
+            '|---|---|---|---|---|',
+        ]
+        for op in ops[:8]:
+            where = op['op_name'].split('/')[-1]
+            out.append(
+                f'| {op["name"]} | {op["opcode"]} | {op["cycles"]} | {op["bytes"]} | {where} |'
+            )
+    for r in gpu:
+        launched = collections.Counter(
+            f'{t["kind"]} {t["name"]}' for t in r['tract']['tract_thunks']
+        )
+        out += ['', f"TrAct's thunks, {r['model']} on {r['target']}: " + ', '.join(launched)]
+    return '\n'.join(out) + '\n'
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    found = {'date': datetime.date.today().isoformat()}
+    for name in ('jax', 'jaxlib', 'libtpu', 'jax-cuda12-plugin', 'flax', 'optax'):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = 'not installed'
+    return found
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--targets', nargs='+', default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument('--models', nargs='+', default=MODELS, choices=list(overhead.MODELS))
+    parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    # Run nothing on an accelerator: the plugins' own device discovery is what fails on
+    # a machine without one, while their compilers are reached through topologies.
+    jax.config.update('jax_platforms', 'cpu')
+    rows = []
+    for name in args.targets:
+        target = TARGETS[name]
+        where = sharding(target)
+        for model in args.models:
+            if model in target.skipped:
+                print(f'{name} {model}: not compiled ({target.skipped[model]})', flush=True)
+            elif model in target.batches:
+                rows.append(compile_model(target, model, where))
+                print(f'{name} {model}: compiled', flush=True)
+    report = table(rows)
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    info = versions()
+    header = (
+        f'Compiled on {info["date"]} with jax {info["jax"]}, libtpu {info["libtpu"]}, '
+        f'jax-cuda12-plugin {info["jax-cuda12-plugin"]} (`python -m benchmarks.compiled`).\n\n'
+    )
+    (args.out / 'compiled.md').write_text(header + report)
+    (args.out / 'compiled.json').write_text(
+        json.dumps({'versions': info, 'rows': rows}, indent=1) + '\n'
+    )
+    return rows
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,57 @@
+"""TrAct steps compiled by XLA:TPU (libtpu) and XLA:GPU (the CUDA plugin), no device needed.
+
+These need the accelerator compilers, which the main environment does not install
+(libtpu is ~700 MB, and both plugins look for their devices when jax starts): `.ci/run`
+runs this file in `.venv-aot` (`benchmarks/aot_env.sh`) with TRACT_JAX_REQUIRE_AOT=1,
+where a missing compiler fails instead of skipping. Elsewhere they skip, saying why.
+
+What they hold the library to (issue 25; `benchmarks/compiled.py` prices every model):
+on GPU a TrAct step adds no `conditional` or `while` and at most 24 thunks; on TPU the
+instructions TrAct adds to a small ViT's step cost at most 1% of its estimated cycles.
+"""
+
+import importlib.util
+import os
+
+import pytest
+
+REQUIRED = os.environ.get('TRACT_JAX_REQUIRE_AOT') == '1'
+MISSING = [p for p in ('libtpu', 'jax_plugins.xla_cuda12') if importlib.util.find_spec(p) is None]
+if MISSING and REQUIRED:
+    raise RuntimeError(f'TRACT_JAX_REQUIRE_AOT=1 but {MISSING} are not installed')
+pytestmark = pytest.mark.skipif(
+    bool(MISSING), reason=f'no accelerator compiler ({", ".join(MISSING)}): see aot_env.sh'
+)
+
+
+@pytest.fixture(scope='module')
+def compiled():
+    import jax
+
+    from benchmarks import compiled
+
+    jax.config.update('jax_platforms', 'cpu')
+    return compiled
+
+
+@pytest.mark.parametrize('model', ['resnet18_cifar', 'vit_tiny4_cifar'])
+def test_gpu_step_adds_no_control_flow_and_few_thunks(compiled, model):
+    target = compiled.TARGETS['h100']
+    small = compiled.dataclasses.replace(target, batches={model: 32})
+    row = compiled.compile_model(small, model, compiled.sharding(target))
+    plain, tract = row['plain'], row['tract']
+    assert (tract['conditional'], tract['while']) == (plain['conditional'], plain['while'])
+    assert 0 < tract['thunks'] - plain['thunks'] <= 24
+    kinds = {thunk['kind'] for thunk in tract['tract_thunks']}
+    assert 'kCustomCall' in kinds or 'kCholesky' in kinds  # the native factorization
+    assert tract['temp_bytes'] <= 1.01 * plain['temp_bytes'] + 2**20
+
+
+def test_tpu_step_of_a_small_vit_adds_at_most_1_percent_of_its_cycles(compiled):
+    target = compiled.TARGETS['v5e']
+    row = compiled.compile_model(target, 'vit_tiny4_cifar', compiled.sharding(target))
+    plain, tract = row['plain'], row['tract']
+    assert tract['while'] == plain['while'] and tract['conditional'] == plain['conditional']
+    assert tract['tract_ops'], 'no instruction of the TrAct step is named tract_statistic/solve'
+    assert tract['tract_cycles'] <= 0.01 * plain['cycles']
+    assert tract['cycles'] <= 1.01 * plain['cycles']
