@@ -8,7 +8,7 @@ import json
 
 import jax
 
-from benchmarks import choices, compiled, first_layer, micro, overhead, profile
+from benchmarks import choices, compiled, first_layer, micro, overhead, precision, profile
 
 
 def test_overhead_writes_json_markdown_and_chart(tmp_path):
@@ -123,3 +123,10 @@ def test_a_tract_step_names_its_statistic_and_solve():
     ops = [i for i in compiled.instructions(hlo) if i.tract]
     names = ' '.join(i.op_name for i in ops)
     assert 'tract_statistic' in names and 'tract_solve' in names
+
+
+def test_precision_reports_every_pass_count(tmp_path):
+    report = precision.main(['--dataset', 'digits', '--out', str(tmp_path)])
+    rows = [line for line in report.splitlines() if line.startswith('| digits')]
+    assert len(rows) == 8 and all(line.count('worst') == 3 for line in rows)
+    assert (tmp_path / 'precision_digits.md').read_text().endswith(report)

@@ -15,8 +15,16 @@ import os
 
 import pytest
 
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 REQUIRED = os.environ.get('TRACT_JAX_REQUIRE_AOT') == '1'
-MISSING = [p for p in ('libtpu', 'jax_plugins.xla_cuda12') if importlib.util.find_spec(p) is None]
+MISSING = [m for m in ('libtpu', 'jax_plugins.xla_cuda12') if not _installed(m)]
 if MISSING and REQUIRED:
     raise RuntimeError(f'TRACT_JAX_REQUIRE_AOT=1 but {MISSING} are not installed')
 pytestmark = pytest.mark.skipif(
