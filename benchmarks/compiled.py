@@ -50,7 +50,7 @@ from jax.sharding import PartitionSpec as P
 
 from benchmarks import overhead
 from examples import steps
-from tract_jax._src import statistic
+from tract_jax._src import choice, statistic, statistics, unfold
 
 RESULTS = pathlib.Path(__file__).parent / 'results'
 SCOPES = (statistic.STATISTIC_SCOPE, statistic.SOLVE_SCOPE)
@@ -258,7 +258,10 @@ def thunks(metadata: str) -> list[tuple[str, str]]:
 
 def gpu_report(lowered: Any) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as dump:
-        compiled = lowered.compile(compiler_options={'xla_dump_to': dump})
+        # Without a device XLA:GPU cannot autotune, and its default Triton tilings fail
+        # to compile some GEMMs (ViT-S/16's attention output): cuBLAS takes them all.
+        options = {'xla_dump_to': dump, 'xla_gpu_enable_triton_gemm': False}
+        compiled = lowered.compile(compiler_options=options)
         (metadata,) = pathlib.Path(dump).glob('*.thunk_metadata.txt')
         launched = thunks(metadata.read_text())
     hlo = compiled.as_text()
@@ -280,11 +283,45 @@ def gpu_report(lowered: Any) -> dict[str, Any]:
     }
 
 
+STEMS = {  # the first layer of each benchmark model (examples/models.py)
+    'resnet18_cifar': unfold.ConvGeometry((3, 3), 1, 1),
+    'vit_tiny4_cifar': unfold.ConvGeometry((4, 4), 4, 'VALID'),
+    'resnet50_imagenet': unfold.ConvGeometry((7, 7), 2, 3),
+    'vit_s16_imagenet': unfold.ConvGeometry((16, 16), 16, 'VALID'),
+    'vit_b16_imagenet': unfold.ConvGeometry((16, 16), 16, 'VALID'),
+}
+
+
+def statistic_work(model: str, batch: int, plan: choice.Plan) -> dict[str, Any]:
+    """The statistic's multiply-adds and bytes under ``plan`` for ``model``'s stem, next to
+    the least the layer needs: the upper triangle of ``XᵀX`` (``b·n(n+1)/2``) and one read
+    of the input plus one write of the Gram. Counted from the formulation, float32 (XLA:GPU
+    gives no cost analysis without a device)."""
+    side = overhead.MODELS[model][1]
+    shape = (batch, side, side, 3)
+    geometry = STEMS[model]
+    cost = statistics.gram_cost(shape, geometry)
+    method = statistics.chosen_method(shape, geometry, plan=plan)
+    rows, n = batch * cost.rows, cost.fan_in
+    read, gram_bytes = 4 * math.prod(shape), 4 * n * n
+    held = cost.shifts_bytes if method == 'shifts' else cost.patches_bytes
+    work = batch * (cost.shifts if method == 'shifts' else cost.patches)
+    return {
+        'method': method,
+        'multiply_adds': work,
+        'least_multiply_adds': rows * n * (n + 1) // 2,
+        'bytes': read + 2 * batch * held + gram_bytes,  # the rows written once, read once
+        'least_bytes': read + gram_bytes,
+    }
+
+
 def compile_model(target: Target, model: str, where: NamedSharding) -> dict[str, Any]:
     """Both steps of ``model`` compiled for ``target``, with the compiler's report of each."""
-    result = {'model': model, 'target': target.name, 'batch': target.batches[model]}
+    batch = target.batches[model]
+    result = {'model': model, 'target': target.name, 'batch': batch}
+    result['statistic'] = statistic_work(model, batch, choice.plan_of(target.platform))
     for kind, use_tract in (('plain', False), ('tract', True)):
-        step, args = abstract_step(model, target.batches[model], use_tract, where)
+        step, args = abstract_step(model, batch, use_tract, where)
         lowered = step.trace(*args).lower()
         if target.platform == 'tpu':
             result[kind] = tpu_report(lowered.compile())
@@ -321,16 +358,19 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     if gpu:
         out += [
             '',
-            '| GPU | model | batch | thunks | added | `conditional` | `while` | temp |',
-            '|---|---|---|---|---|---|---|---|',
+            '| GPU | model | batch | thunks | added | `conditional` | `while` | temp '
+            '| statistic | multiply-adds / least | bytes / least |',
+            '|---|---|---|---|---|---|---|---|---|---|---|',
         ]
         for r in gpu:
-            p, t = r['plain'], r['tract']
+            p, t, w = r['plain'], r['tract'], r['statistic']
             out.append(
                 f'| {r["target"]} | {r["model"]} | {r["batch"]} | {p["thunks"]} → {t["thunks"]} '
                 f'| {t["thunks"] - p["thunks"]:+d} | {p["conditional"]} → {t["conditional"]} '
                 f'| {p["while"]} → {t["while"]} '
-                f'| {pct(t["temp_bytes"], p["temp_bytes"]):+.2f}% |'
+                f'| {pct(t["temp_bytes"], p["temp_bytes"]):+.2f}% '
+                f'| {w["method"]} | {w["multiply_adds"] / w["least_multiply_adds"]:.2f} '
+                f'| {w["bytes"] / w["least_bytes"]:.2f} |'
             )
     for r in tpu:
         ops = r['tract']['tract_ops']
@@ -377,28 +417,34 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     # Run nothing on an accelerator: the plugins' own device discovery is what fails on
     # a machine without one, while their compilers are reached through topologies.
     jax.config.update('jax_platforms', 'cpu')
-    rows = []
-    for name in args.targets:
-        target = TARGETS[name]
-        where = sharding(target)
-        for model in args.models:
-            if model in target.skipped:
-                print(f'{name} {model}: not compiled ({target.skipped[model]})', flush=True)
-            elif model in target.batches:
-                rows.append(compile_model(target, model, where))
-                print(f'{name} {model}: compiled', flush=True)
-    report = table(rows)
-    print(report)
     args.out.mkdir(parents=True, exist_ok=True)
     info = versions()
     header = (
         f'Compiled on {info["date"]} with jax {info["jax"]}, libtpu {info["libtpu"]}, '
         f'jax-cuda12-plugin {info["jax-cuda12-plugin"]} (`python -m benchmarks.compiled`).\n\n'
     )
-    (args.out / 'compiled.md').write_text(header + report)
-    (args.out / 'compiled.json').write_text(
-        json.dumps({'versions': info, 'rows': rows}, indent=1) + '\n'
-    )
+    rows, not_priced = [], []
+    for name in args.targets:
+        target = TARGETS[name]
+        where = sharding(target)
+        for model in [m for m in args.models if m in target.batches or m in target.skipped]:
+            if model in target.skipped:
+                not_priced.append(f'{name} {model}: not compiled ({target.skipped[model]})')
+            else:
+                try:
+                    rows.append(compile_model(target, model, where))
+                except Exception as error:  # say so, and price the rest
+                    first = str(error).splitlines()[0][:200]
+                    not_priced.append(f'{name} {model}: failed ({type(error).__name__}: {first})')
+            print(f'{name} {model}: done', flush=True)
+            # Written after every model: a long run keeps what it has priced.
+            notes = ''.join(f'\n- {line}' for line in not_priced)
+            (args.out / 'compiled.md').write_text(header + table(rows) + notes + '\n')
+            (args.out / 'compiled.json').write_text(
+                json.dumps({'versions': info, 'rows': rows, 'not_priced': not_priced}, indent=1)
+                + '\n'
+            )
+    print(table(rows))
     return rows
 
 

@@ -115,11 +115,24 @@ def _fields(fields):
 
 
 @pytest.mark.parametrize(
-    'plan, picks', [(choice.CPU, 'shifts'), (choice.GPU, 'patches'), (choice.TPU, 'patches')]
+    'plan, resnet50, precision',
+    [
+        (choice.CPU, 'shifts', jax.lax.Precision.HIGHEST),  # benchmarks.micro
+        (choice.GPU, 'patches', jax.lax.Precision.HIGHEST),  # the first H100 run
+        (choice.TPU, 'shifts', jax.lax.Precision.HIGH),  # benchmarks.compiled, XLA:TPU v5e
+    ],
+    ids=lambda v: getattr(v, 'name', str(v)),
 )
-def test_only_the_cpu_plan_sums_a_resnet_stem_by_shifts(plan, picks):
-    geometry = statistics.ConvGeometry((7, 7), 2, 3)
-    assert statistics.chosen_method((4, 224, 224, 3), geometry, plan=plan) == picks
+def test_each_plan_picks_what_its_platform_measured(plan, resnet50, precision):
+    """The choices the benchmarks made, pinned: a plan that stops making them fails here
+    (re-measure, then change both)."""
+    stem = statistics.ConvGeometry((7, 7), 2, 3)
+    assert statistics.chosen_method((128, 224, 224, 3), stem, plan=plan) == resnet50
+    cifar_stem = statistics.ConvGeometry((3, 3), 1, 1)
+    assert statistics.chosen_method((128, 32, 32, 3), cifar_stem, plan=plan) == 'patches'
+    embedding = statistics.ConvGeometry((16, 16), 16, 'VALID')
+    assert statistics.chosen_method((128, 224, 224, 3), embedding, plan=plan) == 'patches'
+    assert plan.precision == precision
 
 
 def test_accelerator_plans_chunk_without_a_loop():

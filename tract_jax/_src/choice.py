@@ -95,10 +95,20 @@ GPU = Plan(
 TPU = dataclasses.replace(
     GPU,
     name='tpu',
+    # Priced by XLA:TPU's cost model for v5e (libtpu 0.0.42.1, the statistic of a
+    # ResNet-50 stem, 7x7/2 on 128 images of 224², compiled alone): by shifts 16.7M
+    # estimated cycles and 5.8 GB accessed, by patches 25.9M and 15.3 GB. A 3x3/1 stem
+    # on 32² images keeps the patches (86k cycles; shifts 116k), as SHIFTS_FROM_BYTES
+    # already decides. (A Gram by 2-D correlation after space-to-depth, no patches at
+    # all, took 377k cycles on that small stem: many small convolutions.)
+    shifts=True,
     # HIGHEST is six bfloat16 MXU passes; HIGH is three (bf16_3x). Emulated on CPU
     # (hi/lo bfloat16 splits, float32 sums), 3 passes left a Dense update's relative
     # error at 3.3e-6 (6 passes: 7.6e-8) and a [0, 255] digits update's at 5.1e-7,
-    # inside the float32 tests' tolerances (2e-4); 1 pass: 1.0e-3. Not run on a TPU.
+    # inside the float32 tests' tolerances (2e-4); 1 pass: 1.0e-3. The cost model
+    # prices the passes little next to the patches' bytes: the ResNet-50 stem's
+    # statistic took 23.9M / 25.9M / 26.3M cycles at DEFAULT / HIGH / HIGHEST by
+    # patches, 14.5M / 16.7M by shifts at DEFAULT / HIGH. Not run on a TPU.
     precision=jax.lax.Precision.HIGH,
 )
 
