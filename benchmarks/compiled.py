@@ -161,7 +161,7 @@ def abstract_step(model_name: str, batch: int, use_tract: bool, where: NamedShar
 
 # --- reading XLA:TPU's program ---------------------------------------------------------
 
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+?\[[^\]]*\][^ ]*|\([^=]*?\)) (\S+?)\(')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (.*?) ([\w-]+)\(')
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _SHAPE = re.compile(r'\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]')
