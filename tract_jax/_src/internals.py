@@ -131,7 +131,7 @@ def _private_use_abstract_mesh() -> Callable[[Any], Any]:
 
 if JAX >= (0, 7, 2):
     use_abstract_mesh = jax.sharding.use_abstract_mesh
-else:  # jax 0.7.0 and 0.7.1: the same context manager, not yet public
+else:  # jax 0.7.1 (the floor): the same context manager, not yet public
     use_abstract_mesh = _lookup('jax._src.mesh.use_abstract_mesh', _private_use_abstract_mesh)
 
 if FLAX >= (0, 12, 1):  # Variable.get_value/set_value; '.value' is deprecated
