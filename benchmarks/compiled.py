@@ -223,9 +223,9 @@ def instructions(hlo: str) -> list[Instruction]:
     return found
 
 
-def control_flow(hlo: str) -> dict[str, int]:
-    """``while`` and ``conditional`` instructions in an optimized module."""
-    ops = collections.Counter(i.opcode for i in instructions(hlo))
+def control_flow(found: list[Instruction]) -> dict[str, int]:
+    """``while`` and ``conditional`` instructions among an optimized module's."""
+    ops = collections.Counter(i.opcode for i in found)
     return {'while': ops['while'], 'conditional': ops['conditional']}
 
 
@@ -240,7 +240,7 @@ def tpu_report(compiled: Any) -> dict[str, Any]:
         'flops': float(cost.get('flops', np.nan)),
         'bytes': float(cost.get('bytes accessed', np.nan)),
         'temp_bytes': int(compiled.memory_analysis().temp_size_in_bytes),
-        **control_flow(hlo),
+        **control_flow(found),
         'tract_cycles': sum(i.cycles for i in tract),
         'tract_ops': [dataclasses.asdict(i) for i in tract],
     }
@@ -265,9 +265,9 @@ def gpu_report(lowered: Any) -> dict[str, Any]:
         compiled = lowered.compile(compiler_options=options)
         (metadata,) = pathlib.Path(dump).glob('*.thunk_metadata.txt')
         launched = thunks(metadata.read_text())
-    hlo = compiled.as_text()
-    flow = control_flow(hlo)
-    op_names = {i.name: i.op_name for i in instructions(hlo)}
+    found = instructions(compiled.as_text())
+    flow = control_flow(found)
+    op_names = {i.name: i.op_name for i in found}
     kinds = collections.Counter(kind for kind, _ in launched)
     tract = [
         {'kind': kind, 'name': name}
