@@ -35,11 +35,15 @@ def loss_and_stats(model, params, x, y):
     return loss, state['tract']
 
 
+def update_with(tx, model, params, x, y):
+    """``tx``'s first update from the gradient and statistics of ``(x, y)``."""
+    grads, stats = jax.grad(functools.partial(loss_and_stats, model), has_aux=True)(params, x, y)
+    return tx.update(grads, tx.init(params), params, tract_stats=stats)[0]
+
+
 @functools.partial(jax.jit, static_argnums=0)  # one compile, not one per operation
 def reference(model, params, x, y):
-    grads, stats = jax.grad(functools.partial(loss_and_stats, model), has_aux=True)(params, x, y)
-    tx = tract_jax.tract(0.1)
-    return tx.update(grads, tx.init(params), params, tract_stats=stats)[0]
+    return update_with(tract_jax.tract(0.1), model, params, x, y)
 
 
 def check(name, got, want):

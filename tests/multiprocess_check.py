@@ -22,7 +22,7 @@ import functools
 
 import jax
 import numpy as np
-from distributed_problem import check, loss_and_stats, problem, reference
+from distributed_problem import check, loss_and_stats, problem, reference, update_with
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -56,11 +56,6 @@ def replicated(tree):
 def local(tree):
     """A replicated global result, as this process's copy."""
     return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
-
-
-def update_with(tx, model, params, x, y):
-    grads, stats = jax.grad(functools.partial(loss_and_stats, model), has_aux=True)(params, x, y)
-    return tx.update(grads, tx.init(params), params, tract_stats=stats)[0]
 
 
 def jit_over_processes(stem, batch):
