@@ -21,6 +21,7 @@ For a 7x7/2 stem that is about 0.28 of the multiply-adds of the patches' Gram, f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +88,7 @@ def gram_by_shifts(
         b = phases[partner_phase, start + offset : stop + offset].reshape(-1, m)
         return jnp.matmul(a.T, b, precision=precision)
 
-    full = {}
+    full: dict[tuple[int, int, int], jax.Array] = {}
     if length >= correlate_from:
         # One 1-D correlation per pair of phases gives every offset at once:
         # out[j, i, o] = Σ over positions and rows r < length of
@@ -105,22 +106,37 @@ def gram_by_shifts(
             )
             for offset in range(lo, hi + 1):
                 full[phase, partner_phase, offset] = out[:, :, offset - lo].T
-    else:
-        for phase, partner_phase, _, offset in plan.values():
-            if (phase, partner_phase, offset) not in full:
-                full[phase, partner_phase, offset] = rows_product(
-                    phase, partner_phase, offset, 0, length
-                )
+    blocks = shifted_blocks(plan, full, rows_product, out0, length)
+    return gram.symmetric_from_upper(blocks, k0)
 
+
+Product = Callable[[int, int, int, int, int], jax.Array]
+
+
+def shifted_blocks(
+    plan: ShiftPlan,
+    full: dict[tuple[int, int, int], jax.Array],
+    product: Product,
+    out0: int,
+    length: int,
+) -> dict[tuple[int, int], jax.Array]:
+    """The plan's blocks ``(a, a + Δ)``: each pair of phases' product over all ``length``
+    rows at the block's offset (from ``full``, or ``product(phase, partner, offset, 0,
+    length)`` where missing), less the rows before the block's first and after its last.
+    ``product(phase, partner, offset, start, stop)`` sums rows ``[start, stop)`` of the
+    phase against rows ``[start + offset, stop + offset)`` of the partner phase."""
     blocks = {}
     for (a, b), (phase, partner_phase, j0, offset) in plan.items():
-        block = full[phase, partner_phase, offset]
+        key = (phase, partner_phase, offset)
+        if key not in full:
+            full[key] = product(*key, 0, length)
+        block = full[key]
         if j0 > 0:
-            block = block - rows_product(phase, partner_phase, offset, 0, j0)
+            block = block - product(*key, 0, j0)
         if j0 + out0 < length:
-            block = block - rows_product(phase, partner_phase, offset, j0 + out0, length)
+            block = block - product(*key, j0 + out0, length)
         blocks[a, b] = block
-    return gram.symmetric_from_upper(blocks, k0)
+    return blocks
 
 
 def multiply_adds(padded: list[int], window: unfold.Window, channels: int) -> int:

@@ -1,0 +1,94 @@
+"""The Gram from segments of image rows (gram_by_segments.py) against unfolded patches."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import CONV_CASES, cpu_only, unfold
+
+from tract_jax._src import choice, gram_by_segments, statistics
+from tract_jax._src import unfold as unfold_module
+
+HIGHEST = jax.lax.Precision.HIGHEST
+CASES_2D = [case for case in CONV_CASES if len(case[0]) == 2] + [
+    ((7, 7), (2, 2), 3, (1, 1), (1, 1), (21, 40)),  # a ResNet stem's geometry
+    ((3, 5), (2, 3), 1, (1, 1), (1, 2), (12, 31)),
+    ((3, 3), (1, 1), 'VALID', (1, 2), (1, 1), (6, 11)),
+]
+
+
+def _gram(x, case, lanes):
+    geometry = statistics.ConvGeometry(*case[:-1])
+    padded = unfold_module.padded(x, geometry)
+    window = unfold_module.Window.of(geometry)
+    return gram_by_segments.gram_by_segments(padded, window, lanes=lanes, precision=HIGHEST)
+
+
+@pytest.mark.parametrize('lanes', [1, 24, 64, 128])
+@pytest.mark.parametrize('case', CASES_2D, ids=str)
+def test_gram_by_segments_is_the_gram_of_unfolded_patches(case, lanes, x64):
+    """Whole rows, several segments, and one output column per segment (lanes=1)."""
+    x = jax.random.normal(jax.random.key(5), (3, *case[-1], 2), jnp.float64) + 0.5
+    patches = unfold(x, *case[:-1])
+    np.testing.assert_allclose(_gram(x, case, lanes), patches.T @ patches, rtol=1e-12, atol=1e-12)
+
+
+def test_the_statistic_by_segments_under_jit(x64):
+    """As the layers call it (method='segments'), jitted: the count is the rows'."""
+    case = CASES_2D[-3]
+    x = jax.random.normal(jax.random.key(6), (4, *case[-1], 3), jnp.float64)
+    geometry = statistics.ConvGeometry(*case[:-1])
+    stat = jax.jit(lambda x: statistics.geometry_statistic(x, geometry, method='segments'))(x)
+    patches = unfold(x, *case[:-1])
+    np.testing.assert_allclose(stat.gram, patches.T @ patches, rtol=1e-12, atol=1e-12)
+    assert stat.count == patches.shape[0]
+
+
+@pytest.mark.parametrize(
+    ('fields', 'side', 'columns', 'values'),
+    [
+        (((7, 7), 2, 3), 224, 16, 120),  # ResNet-50: 112 = 7 segments of 16 columns
+        (((3, 3), 1, 1), 32, 32, 120),  # CIFAR: the whole row, 34 columns rounded to 40
+        (((3, 3), 1, 1), 31, 31, 120),  # 31 is prime: still the whole row
+        (((11, 11), 4, 2), 224, 5, 96),  # AlexNet's stem: 55 = 11 segments of 5 (27 -> 32)
+        (((7, 7), 2, 3), 226, 1, 24),  # 113 is prime, 113 columns too wide: one column
+    ],
+)
+def test_segments_fill_a_tile_of_lanes(fields, side, columns, values):
+    geometry = statistics.ConvGeometry(*fields)
+    window = unfold_module.Window.of(geometry)
+    padded = unfold_module.padded(jnp.zeros((1, side, side, 3)), geometry)
+    out = window.out(padded.shape[1:-1])
+    found = gram_by_segments.segment_columns(window, out[1], 3, choice.SEGMENT_LANES)
+    assert found == columns
+    assert out[1] % found == 0
+    assert 3 * gram_by_segments.segment_width(found, window) == values
+
+
+def test_segments_are_for_2d_convolutions_only():
+    x = jnp.zeros((2, 5, 5, 5, 1))
+    window = unfold_module.Window((3, 3, 3), (1, 1, 1), (1, 1, 1))
+    with pytest.raises(ValueError, match='for 2-D convolutions; this one has 3 spatial dims'):
+        gram_by_segments.gram_by_segments(x, window, lanes=128, precision=HIGHEST)
+    video = statistics.ConvGeometry((3, 3, 3))
+    assert statistics.gram_cost(x.shape, video).segments == 0
+    assert statistics.chosen_method(x.shape, video, plan=choice.TPU) != 'segments'
+
+
+@cpu_only
+def test_cost_counts_the_multiply_adds_of_the_compiled_statistic():
+    """XLA's count of the compiled statistic's flops: the segments' products per image
+    (gram_by_segments.cost) plus the per-batch 0/1 picks."""
+    batch, shape = 4, (4, 64, 64, 3)
+    geometry = statistics.ConvGeometry((7, 7), 2, 3)
+    cost = statistics.gram_cost(shape, geometry)
+    fn = jax.jit(lambda x: statistics.geometry_statistic(x, geometry, method='segments'))
+    analysis = fn.lower(jax.ShapeDtypeStruct(shape, jnp.float32)).compile().cost_analysis()
+    flops = (analysis[0] if isinstance(analysis, list) else analysis)['flops']
+    window = unfold_module.Window.of(geometry)
+    columns = gram_by_segments.segment_columns(window, 32, 3, choice.SEGMENT_LANES)
+    m = 3 * gram_by_segments.segment_width(columns, window)
+    blocks, n = 7 * 8 // 2, 7 * 3
+    picks = blocks * (m * m * columns * n + m * columns * n * n)
+    expected = 2 * (batch * cost.segments + picks)
+    assert expected <= flops <= 1.05 * expected
