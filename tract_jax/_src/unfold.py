@@ -143,6 +143,8 @@ def patches(x: jax.Array, window: Window) -> jax.Array:
     in row-major order. One strided slice per kernel offset: a copy, no arithmetic."""
     batch, *spatial, channels = x.shape
     out = window.out(spatial)
+    if window.strides == window.kernel_size and set(window.dilation) == {1}:
+        return _tiles(x, window.kernel_size, out)
     slices = []
     for offset in itertools.product(*(range(k) for k in window.kernel_size)):
         start = [o * d for o, d in zip(offset, window.dilation, strict=True)]
@@ -154,6 +156,16 @@ def patches(x: jax.Array, window: Window) -> jax.Array:
             jax.lax.slice(x, (0, *start, 0), (batch, *limit, channels), (1, *window.strides, 1))
         )
     return jnp.stack(slices, axis=-2)
+
+
+def _tiles(x: jax.Array, kernel_size: tuple[int, ...], out: list[int]) -> jax.Array:
+    """:func:`patches` of windows that tile the input (stride = kernel, no dilation): the
+    image cut into tiles by one reshape and one transpose, not a slice per offset."""
+    rank = len(kernel_size)
+    x = x[(slice(None), *(slice(o * k) for o, k in zip(out, kernel_size, strict=True)))]
+    x = x.reshape(x.shape[0], *itertools.chain(*zip(out, kernel_size, strict=True)), x.shape[-1])
+    order = [0, *range(1, 2 * rank, 2), *range(2, 2 * rank + 1, 2), 2 * rank + 1]
+    return x.transpose(order).reshape(x.shape[0], *out, math.prod(kernel_size), x.shape[-1])
 
 
 def conv_rows(inputs: jax.Array, geometry: ConvGeometry) -> jax.Array:
