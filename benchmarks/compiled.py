@@ -305,8 +305,8 @@ def statistic_work(model: str, batch: int, plan: choice.Plan) -> dict[str, Any]:
     method = statistics.chosen_method(shape, geometry, plan=plan)
     rows, n = batch * cost.rows, cost.fan_in
     read, gram_bytes = 4 * math.prod(shape), 4 * n * n
-    held = cost.shifts_bytes if method == 'shifts' else cost.patches_bytes
-    work = batch * (cost.shifts if method == 'shifts' else cost.patches)
+    work, held = cost.of(method)
+    work *= batch
     return {
         'method': method,
         'multiply_adds': work,

@@ -47,13 +47,13 @@ def test_large_gram_is_summed_in_upper_blocks(n, products, x64):
     'padding, batch, budget_images',
     [('SAME', 7, 2), ('CIRCULAR', 5, 3), ('REFLECT', 4, 1), ((2, 1), 6, 4), ('VALID', 9, 5)],
 )
-@pytest.mark.parametrize('method', ['patches', 'shifts'])
+@pytest.mark.parametrize('method', ['patches', 'shifts', 'segments'])
 def test_chunked_statistic_equals_one_shot(padding, batch, budget_images, method, x64):
     x = jax.random.normal(jax.random.key(0), (batch, 11, 10, 3), jnp.float64) + 2.0
     args = (statistics.ConvGeometry((3, 3), 2, padding),)
     one_shot = statistics.geometry_statistic(x, *args, max_chunk_bytes=2**40, method='patches')
     cost = statistics.gram_cost(x.shape, *args, x.dtype)
-    per_image = cost.patches_bytes if method == 'patches' else cost.shifts_bytes
+    per_image = cost.of(method)[1]
     chunked = statistics.geometry_statistic(
         x, *args, max_chunk_bytes=budget_images * per_image, method=method
     )
@@ -84,7 +84,7 @@ def test_chunking_bounds_the_memory_of_the_statistic():
 @pytest.mark.parametrize(
     'fields, shape',
     [
-        (((7, 7), 2, 3), (5, 40, 36, 3)),  # overlapping: the CPU plan sums by shifts
+        (((7, 7), 2, 3), (5, 40, 36, 3)),  # overlapping: by shifts (CPU), segments (TPU)
         (((4, 4), 4, 'VALID'), (3, 16, 16, 2)),  # a patch embedding
         (((3, 3), 1, 'CIRCULAR'), (4, 9, 9, 2)),
     ],
@@ -99,7 +99,7 @@ def test_every_plan_gives_the_gram_of_the_patches(plan, fields, shape, chunk_ima
     budget = None
     if chunk_images is not None:
         method = statistics.chosen_method(shape, geometry, plan=plan)
-        per_image = cost.shifts_bytes if method == 'shifts' else cost.patches_bytes
+        per_image = cost.of(method)[1]
         budget = chunk_images * per_image
     stat = statistics.geometry_statistic(x, geometry, plan=plan, max_chunk_bytes=budget)
     patches = unfold(x, *_fields(fields))
@@ -115,24 +115,29 @@ def _fields(fields):
 
 
 @pytest.mark.parametrize(
-    'plan, resnet50, precision',
+    'plan, resnet50, cifar, precision',
     [
-        (choice.CPU, 'shifts', jax.lax.Precision.HIGHEST),  # benchmarks.micro
-        (choice.GPU, 'patches', jax.lax.Precision.HIGHEST),  # the first H100 run
-        (choice.TPU, 'shifts', jax.lax.Precision.HIGH),  # benchmarks.compiled, XLA:TPU v5e
+        (choice.CPU, 'shifts', 'patches', jax.lax.Precision.HIGHEST),  # benchmarks.micro
+        (choice.GPU, 'patches', 'patches', jax.lax.Precision.HIGHEST),  # the first H100 run
+        # benchmarks.compiled, XLA:TPU v5e; a video stem, 3-D, still goes by shifts there
+        (choice.TPU, 'segments', 'segments', jax.lax.Precision.HIGH),
     ],
     ids=lambda v: getattr(v, 'name', str(v)),
 )
-def test_each_plan_picks_what_its_platform_measured(plan, resnet50, precision):
+def test_each_plan_picks_what_its_platform_measured(plan, resnet50, cifar, precision):
     """The choices the benchmarks made, pinned: a plan that stops making them fails here
     (re-measure, then change both)."""
     stem = statistics.ConvGeometry((7, 7), 2, 3)
     assert statistics.chosen_method((128, 224, 224, 3), stem, plan=plan) == resnet50
     cifar_stem = statistics.ConvGeometry((3, 3), 1, 1)
-    assert statistics.chosen_method((128, 32, 32, 3), cifar_stem, plan=plan) == 'patches'
+    assert statistics.chosen_method((128, 32, 32, 3), cifar_stem, plan=plan) == cifar
     embedding = statistics.ConvGeometry((16, 16), 16, 'VALID')
     assert statistics.chosen_method((128, 224, 224, 3), embedding, plan=plan) == 'patches'
+    video = statistics.ConvGeometry((3, 7, 7), (1, 2, 2), 1)
+    video_method = statistics.chosen_method((8, 16, 64, 64, 3), video, plan=plan)
+    assert video_method == ('patches' if plan is choice.GPU else 'shifts')
     assert plan.precision == precision
+    assert choice.SEGMENT_LANES == 128
 
 
 def test_accelerator_plans_chunk_without_a_loop():

@@ -224,6 +224,7 @@ STATISTIC_CASES = {  # (input shape, (kernel, strides, padding), method)
     'shifts, correlated phases (conv)': ((2, 64, 64, 3), ((7, 7), 2, 3), 'shifts'),
     'shifts, short phases (matmuls)': ((2, 8, 20, 20, 3), ((3, 7, 7), (1, 2, 2), 1), 'shifts'),
     'patch embedding': ((200, 32, 32, 3), ((16, 16), 16, 'VALID'), 'patches'),
+    'segments': ((2, 64, 64, 3), ((7, 7), 2, 3), 'segments'),
 }
 
 
@@ -244,4 +245,6 @@ def test_statistics_lower_at_the_plans_precision(case, platform):
     assert products
     precision = str(choice.PLANS[platform].precision).split('.')[-1]  # HIGHEST or HIGH
     found = [re.findall(r'\b(DEFAULT|HIGHEST|HIGH)\b', line) for line in products]
-    assert all(names == [precision, precision] for names in found), products
+    assert [precision, precision] in found, products
+    # The segments' 0/1 picks run at HIGHEST, where picking is exact.
+    assert all(names in ([precision] * 2, ['HIGHEST'] * 2) for names in found), products

@@ -19,10 +19,11 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 
-from tract_jax._src import gram, gram_by_shifts, unfold
+from tract_jax._src import gram, gram_by_segments, gram_by_shifts, unfold
 
-GramMethod = Literal['auto', 'patches', 'shifts']
-"""How a conv Gram is summed: over materialized patches, by shifts, or as the plan picks."""
+GramMethod = Literal['auto', 'patches', 'shifts', 'segments']
+"""How a conv Gram is summed: over materialized patches, by shifts, from segments of
+image rows (2-D convolutions), or as the plan picks."""
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -34,6 +35,8 @@ class Plan:
     Attributes:
       name: the platform (for messages and benchmark records).
       shifts: whether ``'auto'`` may sum an overlapping conv's Gram by shifts.
+      segments: whether ``'auto'`` sums an overlapping 2-D conv's Gram from segments
+        of image rows where a segment fits ``SEGMENT_LANES`` (before shifts).
       gram_block: columns per block from which a Gram of rows is summed in 4 to 8
         upper blocks; ``None`` for one product always.
       precision: the precision of every product of a statistic.
@@ -47,6 +50,7 @@ class Plan:
 
     name: str
     shifts: bool
+    segments: bool
     gram_block: int | None
     precision: jax.lax.PrecisionLike
     chunk_bytes: int
@@ -59,6 +63,7 @@ CPU = Plan(
     # Measured on this project's 2-core x86-64 CPU (python -m benchmarks.micro): by shifts
     # a ResNet-50 stem's statistic (7x7/2, 224²) took 0.32x the patches' time.
     shifts=True,
+    segments=False,  # lanes are a TPU's layout; not measured here
     # ViT-S/16's patch embedding (n = 768): 8.8 ms in 4 or 8 blocks vs 12.3 ms in one
     # product, alternated with the conv forward; 2 blocks gained nothing (11.2 ms).
     gram_block=192,
@@ -80,6 +85,7 @@ GPU = Plan(
     # tiny outputs are CPU cache choices. The first H100 run counted 50x the FLOPs
     # for the shifts (cuDNN) and +20.7% step FLOPs with them on ResNet-18.
     shifts=False,
+    segments=False,  # not priced for a GPU
     gram_block=None,
     # HIGHEST is true float32 on GPU (DEFAULT and HIGH are TF32, 10-bit mantissas).
     # A 3-pass TF32 preset may be as accurate and faster: measured by gpu_check.sh.
@@ -95,12 +101,14 @@ GPU = Plan(
 TPU = dataclasses.replace(
     GPU,
     name='tpu',
-    # Priced by XLA:TPU's cost model for v5e (libtpu 0.0.42.1, the statistic of a
-    # ResNet-50 stem, 7x7/2 on 128 images of 224², compiled alone): by shifts 16.7M
-    # estimated cycles and 5.8 GB accessed, by patches 25.9M and 15.3 GB. A 3x3/1 stem
-    # on 32² images keeps the patches (86k cycles; shifts 116k), as SHIFTS_FROM_BYTES
-    # already decides. (A Gram by 2-D correlation after space-to-depth, no patches at
-    # all, took 377k cycles on that small stem: many small convolutions.)
+    # Priced by XLA:TPU's cost model for v5e (libtpu 0.0.42.1; python -m
+    # benchmarks.compiled, whole training steps at batch 128). From segments of image
+    # rows, the ResNet-50 stem's statistic took 1.8M of the step's estimated cycles
+    # (step +1.6% over plain), by shifts 15.7M (+10.5%), by patches ~26M; the CIFAR
+    # ResNet-18 stem's 56k (step +8.5%) against 129k by patches (+10.2%).
+    segments=True,
+    # Where segments do not apply (3-D stems), shifts: the ResNet-50 stem's statistic
+    # alone took 16.7M estimated cycles and 5.8 GB by shifts, 25.9M and 15.3 GB by patches.
     shifts=True,
     # HIGHEST is six bfloat16 MXU passes; HIGH is three (bf16_3x). Emulated on CPU
     # (hi/lo bfloat16 splits, float32 sums), 3 passes left a Dense update's relative
@@ -167,6 +175,12 @@ def gram_matrix(rows: jax.Array, plan: Plan | None = None) -> jax.Array:
     return run(decide(plan), rows)
 
 
+SEGMENT_LANES = 128
+"""The most values a segment of image rows holds (``gram_by_segments.py``): one TPU
+tile. Priced on v5e (whole ResNet-50 step): segments of up to 128 values left TrAct's
+own instructions at 2.75M estimated cycles, up to 256 at 4.09M (larger tiles, fewer
+segments; both before rounding segments to whole sublane tiles)."""
+
 CORRELATE_FROM = 32
 """Rows per phase from which the Gram by shifts correlates whole phases in one
 ``lax.conv``; shorter phases (a video stem's few frames) take one matmul per offset,
@@ -187,11 +201,21 @@ class GramCost(NamedTuple):
 
     patches: int
     shifts: int
+    segments: int  # 0 where a segment cannot fit SEGMENT_LANES (or the conv is not 2-D)
     patches_bytes: int
     shifts_bytes: int
+    segments_bytes: int
     overlap: bool  # whether windows overlap along the first axis, so that rows are shared
     rows: int  # rows of X per image
     fan_in: int
+
+    def of(self, method: str) -> tuple[int, int]:
+        """Multiply-adds and bytes held per image by ``method``."""
+        return {
+            'patches': (self.patches, self.patches_bytes),
+            'shifts': (self.shifts, self.shifts_bytes),
+            'segments': (self.segments, self.segments_bytes),
+        }[method]
 
 
 def gram_cost(
@@ -202,11 +226,17 @@ def gram_cost(
     out = window.out(padded)
     k0, d0, s0 = window.kernel_size[0], window.dilation[0], window.strides[0]
     n = math.prod(window.kernel_size) * channels
+    fits = gram_by_segments.fits(window, channels, SEGMENT_LANES) and math.prod(out) > 0
+    segments = functools.partial(
+        gram_by_segments.cost, padded, window, channels, SEGMENT_LANES, itemsize
+    )
     return GramCost(
         patches=math.prod(out) * n * n,
         shifts=gram_by_shifts.multiply_adds(padded, window, channels),
+        segments=segments()[0] if fits else 0,
         patches_bytes=math.prod(out) * n * itemsize,
         shifts_bytes=gram_by_shifts.bytes_held(padded, window, channels, itemsize),
+        segments_bytes=segments()[1] if fits else 0,
         overlap=(k0 - 1) * d0 >= s0,
         rows=math.prod(out),
         fan_in=n,
@@ -215,6 +245,8 @@ def gram_cost(
 
 def method(cost: GramCost, plan: Plan) -> str:
     """The formulation ``'auto'`` takes under ``plan`` for a conv of this cost."""
+    if plan.segments and cost.segments and cost.overlap:
+        return 'segments'
     shifts = (
         plan.shifts
         and cost.overlap

@@ -2,10 +2,10 @@
 
 :func:`dense_statistic` and :func:`conv_statistic` are what every front end (linen,
 NNX, Equinox, capture) calls, and what plain-JAX users call themselves. A conv's Gram
-is built by the platform's :class:`~tract_jax._src.choice.Plan`: over patches or by
-shifts, in chunks of images when the batch is large, at the plan's precision. Under
-``jit`` with explicitly sharded inputs the statistic comes out replicated, the
-compiler summing the per-device parts.
+is built by the platform's :class:`~tract_jax._src.choice.Plan`: over patches, by
+shifts or from segments of image rows, in chunks of images when the batch is large,
+at the plan's precision. Under ``jit`` with explicitly sharded inputs the statistic
+comes out replicated, the compiler summing the per-device parts.
 """
 
 from __future__ import annotations
@@ -17,7 +17,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tract_jax._src import choice, gram, gram_by_shifts, internals, statistic, unfold
+from tract_jax._src import (
+    choice,
+    gram,
+    gram_by_segments,
+    gram_by_shifts,
+    internals,
+    statistic,
+    unfold,
+)
 from tract_jax._src.statistic import Layout, Statistic
 from tract_jax._src.unfold import ConvGeometry
 
@@ -147,9 +155,11 @@ def geometry_statistic(
 ) -> Statistic:
     """The statistic of a channels-last convolution's unfolded input; see ``conv_rows``.
 
-    The Gram matrix is the patches' ``XᵀX`` (``method='patches'``) or the same sum
+    The Gram matrix is the patches' ``XᵀX`` (``method='patches'``), the same sum
     with the products that overlapping windows share computed once (``'shifts'``, see
-    ``gram_by_shifts.py``); ``'auto'`` takes what the plan picks for this geometry.
+    ``gram_by_shifts.py``), or, for a 2-D convolution, that sum over segments of image
+    rows that fill a TPU's lanes (``'segments'``, see ``gram_by_segments.py``);
+    ``'auto'`` takes what the plan picks for this geometry.
     When the working set of the whole batch would take more than ``max_chunk_bytes``
     (default: the plan's), the Gram matrix is summed over chunks of images, so that
     only one chunk's patches exist at a time. ``plan`` (default: the plan of the
@@ -207,7 +217,7 @@ class _Sum(NamedTuple):
     """How one platform sums a conv Gram for one batch shape (hashable: platforms whose
     sums agree share one branch of the step)."""
 
-    method: str  # 'patches' or 'shifts'
+    method: str  # 'patches', 'shifts' or 'segments'
     parts: int  # column blocks of the patches' Gram (< 2: one product)
     precision: jax.lax.PrecisionLike
     chunk: int  # images per chunk
@@ -223,7 +233,7 @@ def _sum_for(
 ) -> _Sum:
     if method == 'auto':
         method = choice.method(cost, plan)
-    per_image = cost.shifts_bytes if method == 'shifts' else cost.patches_bytes
+    per_image = cost.of(method)[1]
     budget = plan.chunk_bytes if max_chunk_bytes is None else max_chunk_bytes
     chunk = min(max(1, budget // max(per_image, 1)), batch)
     parts = choice.gram_parts(cost.fan_in, plan) if method == 'patches' else 1
@@ -231,11 +241,18 @@ def _sum_for(
 
 
 def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
-    """The Gram of channels-last images' patches as ``how`` says: by patches or shifts,
-    over chunks of images (zero images unfold to zero rows, so padding to whole chunks
-    adds nothing)."""
+    """The Gram of channels-last images' patches as ``how`` says: by patches, shifts or
+    segments, over chunks of images (zero images unfold to zero rows, so padding to
+    whole chunks adds nothing)."""
 
     def gram_of(images: jax.Array) -> jax.Array:
+        if how.method == 'segments':
+            return gram_by_segments.gram_by_segments(
+                unfold.padded(images, geometry),
+                unfold.Window.of(geometry),
+                lanes=choice.SEGMENT_LANES,
+                precision=how.precision,
+            )
         if how.method == 'shifts':
             return gram_by_shifts.gram_by_shifts(
                 unfold.padded(images, geometry),
