@@ -7,8 +7,10 @@ asserted here; these runs are one tiny pair each, only to keep the scripts worki
 import json
 
 import jax
+import numpy as np
 
 from benchmarks import choices, compiled, first_layer, micro, overhead, precision, profile
+from tract_jax._src import statistics, unfold
 
 
 def test_overhead_writes_json_markdown_and_chart(tmp_path):
@@ -130,3 +132,23 @@ def test_precision_reports_every_pass_count(tmp_path):
     rows = [line for line in report.splitlines() if line.startswith('| digits')]
     assert len(rows) == 8 and all(line.count('worst') == 3 for line in rows)
     assert (tmp_path / 'precision_digits.md').read_text().endswith(report)
+
+
+def test_precision_training_sums_the_statistic_in_emulated_passes():
+    """Inside the context a statistic traced anew is the emulated one: far from float64
+    where float32 is close (values bfloat16 cannot hold); the library's own after it."""
+    x = jax.random.normal(jax.random.key(0), (16, 12, 12, 1)) * 3 + 1
+    geometry = statistics.ConvGeometry((3, 3), 1, 1)
+    rows = np.asarray(unfold.conv_rows(x, geometry), np.float64)
+    exact = rows.T @ rows
+
+    def error():  # a new function each time: jit traces it anew
+        gram = jax.jit(lambda x: statistics.geometry_statistic(x, geometry).gram)(x)
+        return np.abs(np.asarray(gram, np.float64) - exact).max() / np.abs(exact).max()
+
+    float32 = error()
+    for passes, at_least in ((1, 1e-4), (3, 1e-6)):
+        with precision.statistic_in_passes(passes) as traced:
+            assert error() > max(at_least, 10 * float32)
+        assert traced == [9]
+    assert error() == float32
