@@ -47,11 +47,11 @@ def test_the_statistic_by_segments_under_jit(x64):
 @pytest.mark.parametrize(
     ('fields', 'side', 'columns', 'values'),
     [
-        (((7, 7), 2, 3), 224, 16, 120),  # ResNet-50: 112 = 7 segments of 16 columns
-        (((3, 3), 1, 1), 32, 32, 120),  # CIFAR: the whole row, 34 columns rounded to 40
-        (((3, 3), 1, 1), 31, 31, 120),  # 31 is prime: still the whole row
-        (((11, 11), 4, 2), 224, 5, 96),  # AlexNet's stem: 55 = 11 segments of 5 (27 -> 32)
-        (((7, 7), 2, 3), 226, 1, 24),  # 113 is prime, 113 columns too wide: one column
+        (((7, 7), 2, 3), 224, 16, 111),  # ResNet-50: 112 = 7 segments of 16 columns (37)
+        (((3, 3), 1, 1), 32, 32, 102),  # CIFAR: the whole row, 34 columns
+        (((3, 3), 1, 1), 31, 31, 99),  # 31 is prime: still the whole row
+        (((11, 11), 4, 2), 224, 5, 81),  # AlexNet's stem: 55 = 11 segments of 5 (27 columns)
+        (((7, 7), 2, 3), 226, 1, 21),  # 113 is prime, 113 columns too wide: one column
     ],
 )
 def test_segments_fill_a_tile_of_lanes(fields, side, columns, values):

@@ -5,9 +5,9 @@ patches are narrow (3 channels: a 7x7 window's row of 21 values, a 3x3 window's 
 the patches' Gram and the Gram by shifts of ``gram_by_shifts.py`` fill a sixth of
 the lanes and copy the image into that layout first. Here a row's unit is a *segment*:
 the input columns that ``J`` neighbouring output columns read, all channels, ``c·w``
-values (``w = s·(J − 1) + d·(k − 1) + 1`` columns, rounded up to whole sublane tiles),
-``J`` chosen so that a segment fills the lanes (a ResNet-50 stem: ``J = 16``, 120
-values; a CIFAR stem: the whole 34-column row, 102 values).
+values (``w = s·(J − 1) + d·(k − 1) + 1`` columns), ``J`` chosen so that a segment
+fills the lanes (a ResNet-50 stem: ``J = 16``, 111 values; a CIFAR stem: the whole
+34-column row, 102 values).
 
 Each pair of kernel rows ``(a, a')`` is then the product of segment rows ``t`` and
 ``t + d·(a' − a)`` summed over images, segments and output rows; as in
@@ -29,15 +29,12 @@ import numpy as np
 
 from tract_jax._src import gram, gram_by_shifts, unfold
 
-SUBLANES = 8
-"""A segment's columns are rounded up to whole tiles of this many rows (TPU sublanes)."""
-
 
 def segment_width(columns: int, window: unfold.Window) -> int:
-    """Input columns, rounded up to whole sublane tiles, that ``columns`` neighbouring
-    output columns read along the last spatial axis."""
+    """Input columns that ``columns`` neighbouring output columns read along the last
+    spatial axis."""
     k, s, d = window.kernel_size[-1], window.strides[-1], window.dilation[-1]
-    return -(-(s * (columns - 1) + d * (k - 1) + 1) // SUBLANES) * SUBLANES
+    return s * (columns - 1) + d * (k - 1) + 1
 
 
 def segment_columns(window: unfold.Window, out_last: int, channels: int, lanes: int) -> int:
