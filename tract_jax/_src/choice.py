@@ -103,9 +103,9 @@ TPU = dataclasses.replace(
     name='tpu',
     # Priced by XLA:TPU's cost model for v5e (libtpu 0.0.42.1; python -m
     # benchmarks.compiled, whole training steps at batch 128). From segments of image
-    # rows, the ResNet-50 stem's statistic took 1.8M of the step's estimated cycles
-    # (step +1.6% over plain), by shifts 15.7M (+10.5%), by patches ~26M; the CIFAR
-    # ResNet-18 stem's 56k (step +8.5%) against 129k by patches (+10.2%).
+    # rows TrAct's instructions took 1.7M of the ResNet-50 step's estimated cycles (step
+    # +1.7% over plain), by shifts 15.7M (+10.5%); the CIFAR ResNet-18 step's 56k (step
+    # +8.5%) against 129k by patches (+10.2%).
     segments=True,
     # Where segments do not apply (3-D stems), shifts: the ResNet-50 stem's statistic
     # alone took 16.7M estimated cycles and 5.8 GB by shifts, 25.9M and 15.3 GB by patches.
@@ -179,7 +179,7 @@ SEGMENT_LANES = 128
 """The most values a segment of image rows holds (``gram_by_segments.py``): one TPU
 tile. Priced on v5e (whole ResNet-50 step): segments of up to 128 values left TrAct's
 own instructions at 2.75M estimated cycles, up to 256 at 4.09M (larger tiles, fewer
-segments; both before rounding segments to whole sublane tiles)."""
+segments; both with each phase padded to whole rows, which later went)."""
 
 CORRELATE_FROM = 32
 """Rows per phase from which the Gram by shifts correlates whole phases in one

@@ -246,22 +246,19 @@ def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
     whole chunks adds nothing)."""
 
     def gram_of(images: jax.Array) -> jax.Array:
-        if how.method == 'segments':
-            return gram_by_segments.gram_by_segments(
-                unfold.padded(images, geometry),
-                unfold.Window.of(geometry),
-                lanes=choice.SEGMENT_LANES,
-                precision=how.precision,
-            )
-        if how.method == 'shifts':
-            return gram_by_shifts.gram_by_shifts(
-                unfold.padded(images, geometry),
-                unfold.Window.of(geometry),
-                correlate_from=choice.CORRELATE_FROM,
-                precision=how.precision,
-            )
-        rows = unfold.conv_rows(images, geometry)
-        return gram.gram_of_rows(rows, parts=how.parts, precision=how.precision)
+        if how.method == 'patches':
+            rows = unfold.conv_rows(images, geometry)
+            return gram.gram_of_rows(rows, parts=how.parts, precision=how.precision)
+        summed = {  # the two that slide over the padded input themselves
+            'shifts': functools.partial(
+                gram_by_shifts.gram_by_shifts, correlate_from=choice.CORRELATE_FROM
+            ),
+            'segments': functools.partial(
+                gram_by_segments.gram_by_segments, lanes=choice.SEGMENT_LANES
+            ),
+        }[how.method]
+        window = unfold.Window.of(geometry)
+        return summed(unfold.padded(images, geometry), window, precision=how.precision)
 
     batch = images.shape[0]
     if how.chunk >= batch:
