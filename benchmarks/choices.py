@@ -3,13 +3,14 @@
     python -m benchmarks.choices            # writes benchmarks/results/choices_<platform>.{md,json}
 
 ``choice.py`` picks, per platform, how a conv statistic's Gram is summed (over patches
-in one product, over patches in column blocks, or by shifts), at which matmul
-precision, and which Cholesky factors the solve (the platform's native one, or the
-recursive one built from XLA operations). This script forces each alternative on the
-first layers of the benchmark models (``benchmarks/micro.py``'s, at the accelerator
-batches of issue 19 on a GPU/TPU), times them in turn round after round (medians over
-rounds, ms), and checks each against a float64 NumPy reference on the first images:
-a faster choice counts only where it is as accurate as the float32 tests require.
+in one product, over patches in column blocks, by shifts or from segments of image
+rows), at which matmul precision, and which Cholesky factors the solve (the platform's
+native one, or the recursive one built from XLA operations). This script forces each
+alternative on the first layers of the benchmark models (``benchmarks/micro.py``'s, at
+the accelerator batches of issue 19 on a GPU/TPU), times them in turn round after round
+(medians over rounds, ms), and checks each against a float64 NumPy reference on the
+first images: a faster choice counts only where it is as accurate as the float32 tests
+require.
 The row marked ``*`` is what the platform's plan runs today.
 """
 
@@ -45,6 +46,7 @@ def statistic_variants(plan: choice.Plan) -> dict[str, tuple[str, choice.Plan]]:
         'patches, one product, HIGHEST': ('patches', one),
         'patches, column blocks, HIGHEST': ('patches', dataclasses.replace(one, gram_block=192)),
         'shifts, HIGHEST': ('shifts', one),
+        'segments, HIGHEST': ('segments', one),  # the TPU's 2-D stems; raises on 3-D ones
     }
     preset = FAST_PRESET.get(plan.name)
     if preset is not None:

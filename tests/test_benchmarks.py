@@ -58,6 +58,7 @@ def test_choices_times_and_checks_each_alternative(tmp_path):
     )  # fmt: skip
     row = result['rows'][0]
     assert {'native Cholesky', 'XLA-built Cholesky', 'shifts, HIGHEST'} <= set(row['ms'])
+    assert 'segments, HIGHEST' in row['ms']
     exact = {k: v for k, v in row['relative_error'].items() if 'HIGHEST' in k or 'Cholesky' in k}
     assert all(error < 1e-5 for error in exact.values()), row  # float32 products and solves
     plan = result['meta']['plan']
