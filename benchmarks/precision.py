@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from examples import data, models, study
+from examples import data, study
 from tract_jax._src import gram, unfold
 
 RESULTS = pathlib.Path(__file__).parent / 'results'
@@ -138,20 +138,13 @@ def train(args: argparse.Namespace) -> str:
     for setting, (standardize, lam) in TRAINING.items():
         options = study.build_parser().parse_args(
             [
-                *('--dataset', args.dataset, '--model', args.model),
+                *('--dataset', args.dataset, '--model', args.model, '--loop', 'python'),
                 *('--standardize', standardize, '--train-size', str(args.train_size)),
                 *('--seeds', *map(str, args.seeds)),
+                *(('--data-dir', args.data_dir) if args.data_dir else ()),
             ]
         )
-        options.loop = 'python'
-        if args.data_dir:
-            options.data_dir = args.data_dir
-        train_split, test_split = data.load(args.dataset, args.data_dir, standardize)
-        keep = np.random.default_rng(12345).permutation(len(train_split.labels))
-        keep = keep[: args.train_size]
-        train_split = data.Split(train_split.images[keep], train_split.labels[keep])
-        classes = int(train_split.labels.max() + 1)
-        model = models.build(args.model, classes, options.patch)
+        train_split, test_split, model = study.prepare(options)
         runs = {}
         for arm, passes in {'plain': None, **ARMS}.items():
             with statistic_in_passes(passes) as traced:
@@ -168,7 +161,7 @@ def train(args: argparse.Namespace) -> str:
         for arm, run in runs.items():
             acc, loss = run['test_acc'], run['final_loss']
             cells = [f'{np.mean(acc):.2f}', '', f'{np.mean(loss):.4f}', '']
-            if arm not in ('float32',):
+            if arm != 'float32':
                 for k, (key, fmt) in enumerate((('test_acc', '.2f'), ('final_loss', '.4f'))):
                     d = study.paired(run[key], runs['float32'][key])
                     cells[2 * k + 1] = f'{d["mean"]:+{fmt}} [{d["low"]:+{fmt}}, {d["high"]:+{fmt}}]'

@@ -32,6 +32,7 @@ import os
 import pathlib
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -361,6 +362,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def prepare(args) -> tuple[data.Split, data.Split, Any]:
+    """The training split (``--train-size`` images drawn at random, the same draw in every
+    run), the test split, and the model for their classes."""
+    train, test = data.load(args.dataset, args.data_dir, args.standardize)
+    if args.train_size is not None and args.train_size < len(train.labels):
+        keep = np.random.default_rng(12345).permutation(len(train.labels))[: args.train_size]
+        train = data.Split(train.images[keep], train.labels[keep])
+    num_classes = int(max(train.labels.max(), test.labels.max()) + 1)
+    return train, test, models.build(args.model, num_classes, args.patch)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -371,16 +383,11 @@ def main(argv: list[str] | None = None) -> dict:
     budgets = sorted(set(args.budgets))
 
     try:
-        train, test = data.load(args.dataset, args.data_dir, args.standardize)
+        train, test, model = prepare(args)
     except data.MissingDataError as error:
         parser.exit(2, f'error: {error}\n')
-    if args.train_size is not None and args.train_size < len(train.labels):
-        keep = np.random.default_rng(12345).permutation(len(train.labels))[: args.train_size]
-        train = data.Split(train.images[keep], train.labels[keep])
     if len(train.labels) < args.batch_size:
         parser.error(f'--batch-size {args.batch_size} exceeds the {len(train.labels)} images')
-    num_classes = int(max(train.labels.max(), test.labels.max()) + 1)
-    model = models.build(args.model, num_classes, args.patch)
     print(f'{describe(args)}; budgets {budgets}; seeds {args.seeds}', flush=True)
 
     start = time.perf_counter()
