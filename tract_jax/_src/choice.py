@@ -226,17 +226,16 @@ def gram_cost(
     out = window.out(padded)
     k0, d0, s0 = window.kernel_size[0], window.dilation[0], window.strides[0]
     n = math.prod(window.kernel_size) * channels
-    fits = gram_by_segments.fits(window, channels, SEGMENT_LANES) and math.prod(out) > 0
-    segments = functools.partial(
-        gram_by_segments.cost, padded, window, channels, SEGMENT_LANES, itemsize
-    )
+    segments = (0, 0)  # multiply-adds, bytes
+    if gram_by_segments.fits(window, channels, SEGMENT_LANES) and math.prod(out) > 0:
+        segments = gram_by_segments.cost(padded, window, channels, SEGMENT_LANES, itemsize)
     return GramCost(
         patches=math.prod(out) * n * n,
         shifts=gram_by_shifts.multiply_adds(padded, window, channels),
-        segments=segments()[0] if fits else 0,
+        segments=segments[0],
         patches_bytes=math.prod(out) * n * itemsize,
         shifts_bytes=gram_by_shifts.bytes_held(padded, window, channels, itemsize),
-        segments_bytes=segments()[1] if fits else 0,
+        segments_bytes=segments[1],
         overlap=(k0 - 1) * d0 >= s0,
         rows=math.prod(out),
         fan_in=n,

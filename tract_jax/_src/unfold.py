@@ -140,7 +140,8 @@ def padded(inputs: jax.Array, geometry: ConvGeometry) -> jax.Array:
 
 def patches(x: jax.Array, window: Window) -> jax.Array:
     """``(images, *out, offsets, channels)``: every window of the padded input, offsets
-    in row-major order. One strided slice per kernel offset: a copy, no arithmetic."""
+    in row-major order. One strided slice per kernel offset, or, for windows that tile the
+    input, one reshape and transpose: a copy, no arithmetic."""
     batch, *spatial, channels = x.shape
     out = window.out(spatial)
     if window.strides == window.kernel_size and set(window.dilation) == {1}:
