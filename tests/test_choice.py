@@ -138,6 +138,7 @@ def test_each_plan_picks_what_its_platform_measured(plan, resnet50, cifar, preci
     assert video_method == ('patches' if plan is choice.GPU else 'shifts')
     assert plan.precision == precision
     assert choice.SEGMENT_LANES == 128
+    assert plan.images_minor == (plan is choice.TPU)  # benchmarks.compiled, ViT-S/16 (v5e)
 
 
 def test_accelerator_plans_chunk_without_a_loop():

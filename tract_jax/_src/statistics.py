@@ -222,6 +222,7 @@ class _Sum(NamedTuple):
     precision: jax.lax.PrecisionLike
     chunk: int  # images per chunk
     scan: bool  # chunks in a lax.scan rather than unrolled
+    images_minor: bool  # the patches' rows position-major, images minor
 
 
 def _sum_for(
@@ -237,7 +238,8 @@ def _sum_for(
     budget = plan.chunk_bytes if max_chunk_bytes is None else max_chunk_bytes
     chunk = min(max(1, budget // max(per_image, 1)), batch)
     parts = choice.gram_parts(cost.fan_in, plan) if method == 'patches' else 1
-    return _Sum(method, parts, plan.precision, chunk, plan.scan_chunks and chunk < batch)
+    scan = plan.scan_chunks and chunk < batch
+    return _Sum(method, parts, plan.precision, chunk, scan, plan.images_minor)
 
 
 def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
@@ -247,7 +249,7 @@ def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
 
     def gram_of(images: jax.Array) -> jax.Array:
         if how.method == 'patches':
-            rows = unfold.conv_rows(images, geometry)
+            rows = unfold.conv_rows(images, geometry, images_minor=how.images_minor)
             return gram.gram_of_rows(rows, parts=how.parts, precision=how.precision)
         summed = {  # the two that slide over the padded input themselves
             'shifts': functools.partial(

@@ -138,14 +138,15 @@ def padded(inputs: jax.Array, geometry: ConvGeometry) -> jax.Array:
     return jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *config, (0, 0, 0)])
 
 
-def patches(x: jax.Array, window: Window) -> jax.Array:
+def patches(x: jax.Array, window: Window, *, images_minor: bool = False) -> jax.Array:
     """``(images, *out, offsets, channels)``: every window of the padded input, offsets
-    in row-major order. One strided slice per kernel offset, or, for windows that tile the
-    input, one reshape and transpose: a copy, no arithmetic."""
+    in row-major order (``(*out, images, offsets, channels)`` with ``images_minor``).
+    One strided slice per kernel offset, or, for windows that tile the input, one
+    reshape and transpose: a copy, no arithmetic."""
     batch, *spatial, channels = x.shape
     out = window.out(spatial)
     if window.strides == window.kernel_size and set(window.dilation) == {1}:
-        return _tiles(x, window.kernel_size, out)
+        return _tiles(x, window.kernel_size, out, images_minor)
     slices = []
     for offset in itertools.product(*(range(k) for k in window.kernel_size)):
         start = [o * d for o, d in zip(offset, window.dilation, strict=True)]
@@ -156,29 +157,42 @@ def patches(x: jax.Array, window: Window) -> jax.Array:
         slices.append(
             jax.lax.slice(x, (0, *start, 0), (batch, *limit, channels), (1, *window.strides, 1))
         )
-    return jnp.stack(slices, axis=-2)
+    cut = jnp.stack(slices, axis=-2)
+    return jnp.moveaxis(cut, 0, -3) if images_minor else cut
 
 
-def _tiles(x: jax.Array, kernel_size: tuple[int, ...], out: list[int]) -> jax.Array:
+def _tiles(
+    x: jax.Array, kernel_size: tuple[int, ...], out: list[int], images_minor: bool
+) -> jax.Array:
     """:func:`patches` of windows that tile the input (stride = kernel, no dilation): the
     image cut into tiles by one reshape and one transpose, not a slice per offset."""
     rank = len(kernel_size)
+    batch, channels = x.shape[0], x.shape[-1]
     x = x[(slice(None), *(slice(o * k) for o, k in zip(out, kernel_size, strict=True)))]
-    x = x.reshape(x.shape[0], *itertools.chain(*zip(out, kernel_size, strict=True)), x.shape[-1])
-    order = [0, *range(1, 2 * rank, 2), *range(2, 2 * rank + 1, 2), 2 * rank + 1]
-    return x.transpose(order).reshape(x.shape[0], *out, math.prod(kernel_size), x.shape[-1])
+    x = x.reshape(batch, *itertools.chain(*zip(out, kernel_size, strict=True)), channels)
+    positions, offsets = list(range(1, 2 * rank, 2)), list(range(2, 2 * rank + 1, 2))
+    order = [*positions, 0] if images_minor else [0, *positions]
+    shape = [*out, batch] if images_minor else [batch, *out]
+    return x.transpose([*order, *offsets, 2 * rank + 1]).reshape(
+        *shape, math.prod(kernel_size), channels
+    )
 
 
-def conv_rows(inputs: jax.Array, geometry: ConvGeometry) -> jax.Array:
+def conv_rows(
+    inputs: jax.Array, geometry: ConvGeometry, *, images_minor: bool = False
+) -> jax.Array:
     """Unfolded input of a Flax convolution, one row per (image, output position).
 
     Columns are in the order of ``kernel.reshape(-1, features)`` for a Flax kernel of
     shape ``(*kernel_size, in_features, features)``: spatial offsets outer, channels
     inner. Padding follows ``flax.linen.Conv`` exactly (``'SAME'``, ``'VALID'``,
     ``'CIRCULAR'``, ``'REFLECT'``, ``'CAUSAL'``, ints, pairs), as do strides, input
-    and kernel dilation and leading batch dims.
+    and kernel dilation and leading batch dims. Rows run image-major, or with
+    ``images_minor`` position-major (the same rows in another order: a sum over rows,
+    such as the Gram, is unchanged, while XLA:TPU, which keeps a batch of images
+    images-minor, then copies the patches without moving the images off its lanes).
     """
-    cut = patches(padded(inputs, geometry), Window.of(geometry))
+    cut = patches(padded(inputs, geometry), Window.of(geometry), images_minor=images_minor)
     return cut.reshape(-1, cut.shape[-2] * cut.shape[-1])
 
 
