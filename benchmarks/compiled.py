@@ -4,6 +4,8 @@
                                                    # CUDA plugin (no GPU libraries needed)
     .venv-aot/bin/python -m benchmarks.compiled    # every model, TPU v5e and v6e, H100
     .venv-aot/bin/python -m benchmarks.compiled --targets v5e --models resnet18_cifar
+    .venv-aot/bin/python -m benchmarks.compiled --targets h100 --models resnet50_imagenet \
+        --plan-change segments=true --out /tmp/segments   # a plan's alternative, priced
 
 For each model and target it compiles the plain and the TrAct training step
 (``benchmarks/overhead.py``'s steps: Adam, float32, the same model with and without
@@ -413,7 +415,17 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument('--targets', nargs='+', default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument('--models', nargs='+', default=MODELS, choices=list(overhead.MODELS))
     parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
+    parser.add_argument(
+        '--plan-change',
+        nargs='+',
+        default=[],
+        metavar='FIELD=VALUE',
+        help="each target's plan changed so (e.g. segments=true); needs --out",
+    )
     args = parser.parse_args(argv)
+    changes = overhead.plan_changes(args.plan_change)
+    if changes and args.out == RESULTS:
+        parser.error("--plan-change needs --out: these are not the plans' figures")
 
     # Run nothing on an accelerator: the plugins' own device discovery is what fails on
     # a machine without one, while their compilers are reached through topologies.
@@ -422,7 +434,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     info = versions()
     header = (
         f'Compiled on {info["date"]} with jax {info["jax"]}, libtpu {info["libtpu"]}, '
-        f'jax-cuda12-plugin {info["jax-cuda12-plugin"]} (`python -m benchmarks.compiled`).\n\n'
+        f'jax-cuda12-plugin {info["jax-cuda12-plugin"]} (`python -m benchmarks.compiled'
+        + ''.join(f' --plan-change {change}' for change in args.plan_change)
+        + '`).\n\n'
     )
     rows, not_priced = [], []
     for name in args.targets:
@@ -433,7 +447,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 not_priced.append(f'{name} {model}: not compiled ({target.skipped[model]})')
             else:
                 try:
-                    rows.append(compile_model(target, model, where))
+                    with overhead.changed_plan(target.platform, changes):
+                        rows.append(compile_model(target, model, where))
                 except Exception as error:  # say so, and price the rest
                     first = str(error).splitlines()[0][:200]
                     not_priced.append(f'{name} {model}: failed ({type(error).__name__}: {first})')

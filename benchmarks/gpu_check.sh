@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# Every GPU check of issue 19 in one call of at most 8 minutes:
-#   the per-platform choices (benchmarks.choices), TrAct's extra ms on the first layer
-#   and per step next to torch_tract (benchmarks.first_layer, benchmarks.overhead), then
-#   the test suite on the GPU. Results land in one folder: $OUT where the device tool
-#   sets it (8 files at most come back), else benchmarks/results/gpu/.
+# The GPU checks, each a step of its own; name the ones to run (default: all, in this order):
+#   segments     the ResNet-50 step with the GPU plan changed to segments, next to plain
+#                (benchmarks.overhead --plan-change segments=true): decides the GPU plan
+#   overhead     TrAct's cost per step next to torch_tract (benchmarks.overhead)
+#   first_layer  TrAct's extra ms on the first layer alone (benchmarks.first_layer)
+#   choices      every formulation and precision of the statistic (benchmarks.choices)
+#   suite        the test suite on the GPU
+# Results land in one folder: $OUT where the device tool sets it, else
+# benchmarks/results/gpu/; each step's log is gpu_check.log there.
 #
 # With the device tool (torch_tract is not on its machine; carry its wheel):
 #   here, once: echo /.whl/ >> .git/info/exclude
 #               python3 -m pip download --no-deps -d .whl torch_tract==1.0.0
-#   then:       run(command='bash benchmarks/gpu_check.sh', carry=['.whl'], timeout_s=540)
-# The benchmarks come first: they are what a lease is for, and the suite takes whatever
-# time is left (3.7 minutes with 16 workers on the first H100).
+#   then, one call a check (on the first H200 one call of all of them ran out of time):
+#               run(command='bash benchmarks/gpu_check.sh segments', carry=['.whl'], timeout_s=560)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+all=(segments overhead first_layer choices suite)
+checks=("$@")
+[ ${#checks[@]} -gt 0 ] || checks=("${all[@]}")
+for check in "${checks[@]}"; do  # before any device time is spent
+    [[ " ${all[*]} " == *" $check "* ]] || { echo "gpu_check.sh: no check '$check' (${all[*]})" >&2; exit 2; }
+done
 out=${OUT:-benchmarks/results/gpu}
 mkdir -p "$out"
 log="$out/gpu_check.log"
@@ -40,11 +49,19 @@ step() {  # step SECONDS NAME COMMAND...: run it, time it, log it
     python3 -c 'import torch, torch_tract; print("torch", torch.__version__, torch.cuda.get_device_name())' || echo 'no torch_tract: tract_jax only'
 } >>"$log" 2>&1
 
-step 90 choices python3 -m benchmarks.choices --runs 20 --out "$work"
-step 100 first_layer python3 -m benchmarks.first_layer --runs 40 --out "$work"
-step 150 overhead python3 -m benchmarks.overhead --pairs 20 --warmup 3 --out "$work"
-step 150 suite python3 -m pytest -q -n 16 -p no:cacheprovider -o addopts='--doctest-modules'
+for check in "${checks[@]}"; do
+    case $check in
+        segments) step 500 segments python3 -m benchmarks.overhead --models resnet50_imagenet \
+            --pairs 20 --warmup 3 --no-torch --plan-change segments=true --out "$work/segments" ;;
+        overhead) step 500 overhead python3 -m benchmarks.overhead --pairs 20 --warmup 3 --out "$work" ;;
+        first_layer) step 500 first_layer python3 -m benchmarks.first_layer --runs 40 --out "$work" ;;
+        choices) step 500 choices python3 -m benchmarks.choices --runs 20 --out "$work" ;;
+        suite) step 500 suite python3 -m pytest -q -n 16 -p no:cacheprovider -o addopts='--doctest-modules' ;;
+    esac
+done
 
+[ -f "$work/segments/overhead.md" ] && cp "$work/segments/overhead.md" "$out/overhead_segments.md"
+[ -f "$work/segments/overhead.json" ] && cp "$work/segments/overhead.json" "$out/overhead_segments.json"
 for f in choices_gpu.md choices_gpu.json first_layer.json overhead.json overhead.md first_layer.md; do
     [ -f "$work/$f" ] && cp "$work/$f" "$out/"
 done

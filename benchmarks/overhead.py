@@ -2,6 +2,8 @@
 
     python -m benchmarks.overhead                 # all models, CPU-sized batches here
     python -m benchmarks.overhead --models resnet18_cifar --pairs 50
+    python -m benchmarks.overhead --models resnet50_imagenet --plan-change segments=true \
+        --out /tmp/segments    # the TrAct step under this platform's plan, changed
 
 For each model it compiles a plain jitted step (``optax.adam``) and a TrAct step
 (``chain(tract(0.1), adam)``), then times them *alternately* in one process after
@@ -17,6 +19,8 @@ Writes ``benchmarks/results/overhead.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -30,6 +34,7 @@ import numpy as np
 import optax
 
 from examples import models, steps
+from tract_jax._src import choice
 
 RESULTS = pathlib.Path(__file__).parent / 'results'
 
@@ -71,8 +76,37 @@ def _summary(plain: list[float], tract: list[float]) -> dict[str, Any]:
     }
 
 
-def compile_steps(name: str, batch: int) -> tuple[dict[str, list[Any]], jax.Array, jax.Array]:
-    """The compiled plain and TrAct steps of a model, each with its initial state.
+def plan_changes(pairs: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs as keywords for ``dataclasses.replace`` of a ``choice.Plan``:
+    ``true``/``false``, ``none``, integers, or a precision's name (``high``)."""
+    fields = [f.name for f in dataclasses.fields(choice.Plan) if f.name != 'name']
+    changes = {}
+    for pair in pairs:
+        name, _, text = pair.partition('=')
+        if name not in fields:
+            raise ValueError(f'--plan-change {pair!r}: a Plan field is one of {fields}')
+        lower = text.lower()
+        if lower in ('true', 'false', 'none'):
+            changes[name] = {'true': True, 'false': False, 'none': None}[lower]
+        elif text.isdigit():
+            changes[name] = int(text)
+        elif text.upper() in jax.lax.Precision.__members__:
+            changes[name] = jax.lax.Precision[text.upper()]
+        else:
+            raise ValueError(f'--plan-change {pair!r}: {text!r} is no value a Plan field takes')
+    return changes
+
+
+def changed_plan(platform: str, changes: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """``choice.changed`` where there are changes, else nothing."""
+    return choice.changed(platform, **changes) if changes else contextlib.nullcontext()
+
+
+def compile_steps(
+    name: str, batch: int, changes: dict[str, Any] | None = None
+) -> tuple[dict[str, list[Any]], jax.Array, jax.Array]:
+    """The compiled plain and TrAct steps of a model, each with its initial state; the
+    TrAct step under this platform's plan with ``changes`` (``Plan`` fields).
 
     Returns ``({'plain': [compiled, state], 'tract': [compiled, state]}, x, y)``; a
     step is run as ``compiled(*state, x, y)`` and returns the next state and the loss.
@@ -92,7 +126,8 @@ def compile_steps(name: str, batch: int) -> tuple[dict[str, list[Any]], jax.Arra
             jax.tree.map(jnp.copy, variables.get('batch_stats', {})),
             tx.init(params),
         ]
-        runs[kind] = [step.lower(*state, x, y).compile(), state]
+        with changed_plan(jax.default_backend(), changes or {}):
+            runs[kind] = [step.lower(*state, x, y).compile(), state]
     return runs, x, y
 
 
@@ -106,8 +141,10 @@ def run_step(run: list[Any], x: jax.Array, y: jax.Array) -> float:
     return time.perf_counter() - start
 
 
-def bench_jax(name: str, batch: int, pairs: int, warmup: int) -> dict[str, Any]:
-    runs, x, y = compile_steps(name, batch)
+def bench_jax(
+    name: str, batch: int, pairs: int, warmup: int, changes: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    runs, x, y = compile_steps(name, batch, changes)
     analysis = {kind: _analysis(compiled) for kind, (compiled, _) in runs.items()}
 
     for _ in range(warmup):
@@ -216,16 +253,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--batch', type=int, default=None, help='override every batch size')
     parser.add_argument('--no-torch', action='store_true')
     parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
+    parser.add_argument(
+        '--plan-change',
+        nargs='+',
+        default=[],
+        metavar='FIELD=VALUE',
+        help="TrAct step under this platform's plan changed so (e.g. segments=true); needs --out",
+    )
     args = parser.parse_args(argv)
     if 'smoke_cnn' in args.models and not args.no_torch:
         parser.error('smoke_cnn has no PyTorch twin: pass --no-torch with it')
+    changes = plan_changes(args.plan_change)
+    if changes and args.out == RESULTS:
+        parser.error("--plan-change needs --out: these are not the plan's figures")
 
     backend = jax.default_backend()
     rows = []
     for name in args.models:
         _, _, cpu_batch, acc_batch, _ = MODELS[name]
         batch = args.batch or (cpu_batch if backend == 'cpu' else acc_batch)
-        row = {'model': name, 'jax': bench_jax(name, batch, args.pairs, args.warmup)}
+        row = {'model': name, 'jax': bench_jax(name, batch, args.pairs, args.warmup, changes)}
         if not args.no_torch:
             row['torch'] = bench_torch(name, batch, args.pairs, args.warmup)
         print(json.dumps(row), flush=True)

@@ -8,6 +8,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 
 from benchmarks import choices, compiled, first_layer, micro, overhead, precision, profile
 from tract_jax._src import statistics, unfold
@@ -23,6 +24,38 @@ def test_overhead_writes_json_markdown_and_chart(tmp_path):
     assert row['jax']['extra_flops_pct'] > 0  # TrAct's statistic and solve are counted
     assert '| smoke_cnn | 2 |' in (tmp_path / 'overhead.md').read_text()
     assert (tmp_path / 'overhead.png').stat().st_size > 0
+
+
+def test_a_plan_change_reaches_the_tract_step_only_and_only_within_it():
+    """``--plan-change``: the TrAct step is lowered under the changed plan of the platform
+    it runs on (on CPU the native Cholesky: no leaf loop, so no ``while``)."""
+    if jax.default_backend() != 'cpu':
+        pytest.skip('the change is one the CPU plan would see')
+
+    def loops(changes):
+        runs, _, _ = overhead.compile_steps('smoke_cnn', 2, changes)
+        return ['while' in runs[kind][0].as_text() for kind in ('plain', 'tract')]
+
+    assert loops(overhead.plan_changes(['native_cholesky=true'])) == [False, False]
+    assert loops(None) == [False, True]  # the CPU plan's own, back after the change
+
+
+def test_plan_changes_parse_every_kind_of_field_and_refuse_the_rest():
+    changes = overhead.plan_changes(
+        ['segments=true', 'gram_block=none', 'chunk_bytes=1024', 'precision=high']
+    )
+    assert changes == {
+        'segments': True,
+        'gram_block': None,
+        'chunk_bytes': 1024,
+        'precision': jax.lax.Precision.HIGH,
+    }
+    with pytest.raises(ValueError, match='a Plan field is one of'):
+        overhead.plan_changes(['segment=true'])
+    with pytest.raises(ValueError, match='no value a Plan field takes'):
+        overhead.plan_changes(['segments=yes'])
+    with pytest.raises(SystemExit):  # the plan's own results are never overwritten
+        overhead.main(['--models', 'smoke_cnn', '--no-torch', '--plan-change', 'segments=true'])
 
 
 def test_profile_lists_the_ops_only_tract_runs(tmp_path, capsys):

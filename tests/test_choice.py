@@ -141,6 +141,23 @@ def test_each_plan_picks_what_its_platform_measured(plan, resnet50, cifar, preci
     assert plan.images_minor == (plan is choice.TPU)  # benchmarks.compiled, ViT-S/16 (v5e)
 
 
+def test_a_changed_plan_holds_within_its_context_for_the_platforms_sharing_it():
+    stem = statistics.ConvGeometry((7, 7), 2, 3)
+    shape = (64, 224, 224, 3)
+    with pytest.raises(RuntimeError), choice.changed('cuda', segments=True) as plan:
+        assert choice.plan_of('cuda') is plan and choice.plan_of('rocm') is plan
+        assert choice.plan_of('tpu') is choice.TPU and plan.name == 'gpu'
+        assert statistics.chosen_method(shape, stem, plan=choice.plan_of('cuda')) == 'segments'
+        raise RuntimeError  # the plans come back all the same
+    assert choice.PLANS == {
+        'cpu': choice.CPU,
+        'cuda': choice.GPU,
+        'rocm': choice.GPU,
+        'tpu': choice.TPU,
+    }
+    assert statistics.chosen_method(shape, stem, plan=choice.plan_of('cuda')) == 'patches'
+
+
 def test_accelerator_plans_chunk_without_a_loop():
     x = jax.ShapeDtypeStruct((9, 32, 32, 3), jnp.float32)
     geometry = statistics.ConvGeometry((3, 3), 1, 'SAME')

@@ -11,10 +11,11 @@ which is how each choice is measured and tested on any platform.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -140,6 +141,20 @@ def plan_of(platform: str) -> Plan:
     """The plan a step lowered for ``platform`` runs (the GPU's for any other platform,
     as :func:`per_platform` does)."""
     return PLANS.get(platform, GPU)
+
+
+@contextlib.contextmanager
+def changed(platform: str, **changes: Any) -> Iterator[Plan]:
+    """Within the context, steps lowered for ``platform`` (and the platforms sharing its
+    plan) run its plan with ``changes`` (``Plan`` fields): how the benchmarks time or
+    price a choice before a plan takes it. Yields the changed plan."""
+    saved, old = dict(PLANS), plan_of(platform)
+    new = dataclasses.replace(old, **changes)
+    PLANS.update({name: new for name, plan in saved.items() if plan is old})
+    try:
+        yield new
+    finally:
+        PLANS.update(saved)
 
 
 def per_platform(decide: Callable[[Plan], Hashable], run: Callable[..., Any], *args: Any) -> Any:
