@@ -37,6 +37,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import pathlib
 import re
 import tempfile
@@ -95,7 +96,8 @@ class Target:
     platform: str  # 'tpu' or 'cuda'
     topology: str
     batches: dict[str, int]  # per model; models missing here are not compiled for it
-    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # model: why
+    # model: (the libtpu release that cannot compile it, why)
+    skipped: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
 
 
 _TPU_BATCH = 128  # per chip
@@ -113,11 +115,11 @@ TARGETS = {
         'v6e',
         'tpu',
         'v6e:1x1',
-        dict.fromkeys([m for m in MODELS if m != 'resnet50_imagenet'], _TPU_BATCH),
-        # Seen with libtpu 0.0.42.1 by the session that filed issue 25: a compiler
-        # thread's stack overflows on the ResNet-50 step, plain and TrAct alike, and
-        # `ulimit -s` does not help.
-        skipped={'resnet50_imagenet': 'libtpu 0.0.42.1 overflowed a compiler stack on it for v6e'},
+        dict.fromkeys(MODELS, _TPU_BATCH),
+        # With libtpu 0.0.42.1 (jax[tpu] 0.10.2's) a compiler thread's stack overflows on
+        # the ResNet-50 step, plain and TrAct alike, whatever `ulimit -s`; libtpu 0.0.52
+        # compiles it (TPU_LIBRARY_PATH, see versions()).
+        skipped={'resnet50_imagenet': ('0.0.42.1', 'its compiler stack overflows on it for v6e')},
     ),
     'h100': Target('h100', 'cuda', '1x1x1', dict(_GPU_BATCHES)),
 }
@@ -399,6 +401,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def versions() -> dict[str, str]:
+    """Versions of what compiles, and the date. Where ``TPU_LIBRARY_PATH`` points jax at
+    another ``libtpu.so`` (one unpacked from its wheel), that one's release, read from
+    the wheel's ``libtpu-*.dist-info`` beside it."""
     import importlib.metadata as metadata
 
     found = {'date': datetime.date.today().isoformat()}
@@ -407,6 +412,11 @@ def versions() -> dict[str, str]:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             found[name] = 'not installed'
+    library = os.environ.get('TPU_LIBRARY_PATH')
+    if library:
+        wheel = pathlib.Path(library).resolve().parent.parent
+        infos = sorted(wheel.glob('libtpu-*.dist-info'))
+        found['libtpu'] = infos[0].name[len('libtpu-') : -len('.dist-info')] if infos else library
     return found
 
 
@@ -442,9 +452,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for name in args.targets:
         target = TARGETS[name]
         where = sharding(target)
-        for model in [m for m in args.models if m in target.batches or m in target.skipped]:
-            if model in target.skipped:
-                not_priced.append(f'{name} {model}: not compiled ({target.skipped[model]})')
+        for model in [m for m in args.models if m in target.batches]:
+            release, why = target.skipped.get(model, (None, ''))
+            if release == info['libtpu']:
+                not_priced.append(f'{name} {model}: not compiled (libtpu {release}: {why})')
             else:
                 try:
                     with overhead.changed_plan(target.platform, changes):

@@ -152,6 +152,17 @@ thunk_metadata {
     ]
 
 
+def test_compiled_reads_the_release_of_a_libtpu_it_is_pointed_at(tmp_path, monkeypatch):
+    """``TPU_LIBRARY_PATH`` at a ``libtpu.so`` unpacked from its wheel: that release is the
+    one the results name (and the one a model's skip is checked against)."""
+    (tmp_path / 'libtpu').mkdir()
+    (tmp_path / 'libtpu-0.0.52.dist-info').mkdir()
+    monkeypatch.setenv('TPU_LIBRARY_PATH', str(tmp_path / 'libtpu' / 'libtpu.so'))
+    assert compiled.versions()['libtpu'] == '0.0.52'
+    monkeypatch.delenv('TPU_LIBRARY_PATH')
+    assert compiled.versions()['libtpu'] != '0.0.52'
+
+
 def test_a_tract_step_names_its_statistic_and_solve():
     """The scopes compiled.py counts TrAct's instructions by survive into XLA's program."""
     step, args = compiled.abstract_step('smoke_cnn', 4, True, None)
