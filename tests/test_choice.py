@@ -86,9 +86,10 @@ def test_chunking_bounds_the_memory_of_the_statistic():
     [
         (((7, 7), 2, 3), (5, 40, 36, 3)),  # overlapping: by shifts (CPU), segments (TPU)
         (((4, 4), 4, 'VALID'), (3, 16, 16, 2)),  # a patch embedding
+        (((8, 8), 8, 'VALID'), (20, 17, 40, 3)),  # 192 columns: images minor on TPU
         (((3, 3), 1, 'CIRCULAR'), (4, 9, 9, 2)),
     ],
-    ids=['stem', 'patch embedding', 'circular'],
+    ids=['stem', 'patch embedding', 'wide patch embedding', 'circular'],
 )
 @pytest.mark.parametrize('chunk_images', [None, 2])
 def test_every_plan_gives_the_gram_of_the_patches(plan, fields, shape, chunk_images, x64):
@@ -138,7 +139,12 @@ def test_each_plan_picks_what_its_platform_measured(plan, resnet50, cifar, preci
     assert video_method == ('patches' if plan is choice.GPU else 'shifts')
     assert plan.precision == precision
     assert choice.SEGMENT_LANES == 128
-    assert plan.images_minor == (plan is choice.TPU)  # benchmarks.compiled, ViT-S/16 (v5e)
+    # benchmarks.compiled on v5e: ViT-S/16's embedding (768) images-minor, ViT-Tiny/4's (48) not
+    assert plan.images_minor_from == (128 if plan is choice.TPU else None)
+    for side, patch, minor in ((224, 16, plan is choice.TPU), (32, 4, False)):
+        geometry = statistics.ConvGeometry((patch, patch), patch, 'VALID')
+        cost = statistics.gram_cost((128, side, side, 3), geometry)
+        assert statistics._sum_for(plan, cost, 128, 'auto', None).images_minor == minor
 
 
 def test_a_changed_plan_holds_within_its_context_for_the_platforms_sharing_it():

@@ -47,8 +47,9 @@ class Plan:
         than unrolled (straight-line code: no ``while`` in the step).
       native_cholesky: factor with the platform's Cholesky (cuSOLVER ``potrf``,
         XLA:TPU's) rather than the recursive one built from XLA operations.
-      images_minor: order the patches' rows position-major, images minor, so that
-        their Gram contracts over the images last (``unfold.conv_rows``).
+      images_minor_from: the fan-in from which the patches' rows run position-major,
+        images minor, so that their Gram contracts over the images last
+        (``unfold.conv_rows``); ``None`` for image-major rows always.
     """
 
     name: str
@@ -59,7 +60,7 @@ class Plan:
     chunk_bytes: int
     scan_chunks: bool
     native_cholesky: bool
-    images_minor: bool
+    images_minor_from: int | None
 
 
 CPU = Plan(
@@ -81,7 +82,7 @@ CPU = Plan(
     native_cholesky=False,
     # ViT-S/16's patches + Gram (32 images, 4 blocks): 1.16x the time with the images
     # minor (41.4 vs 35.6 ms, one alternated run of 15 pairs).
-    images_minor=False,
+    images_minor_from=None,
 )
 
 GPU = Plan(
@@ -103,7 +104,7 @@ GPU = Plan(
     chunk_bytes=512 * 2**20,
     scan_chunks=False,
     native_cholesky=True,  # cuSOLVER potrf; breakdown is NaN on the device, no sync.
-    images_minor=False,  # row-major arrays: the same transpose either way; not measured
+    images_minor_from=None,  # row-major arrays: the same transpose either way; not measured
 )
 
 TPU = dataclasses.replace(
@@ -126,11 +127,12 @@ TPU = dataclasses.replace(
     # statistic took 23.9M / 25.9M / 26.3M cycles at DEFAULT / HIGH / HIGHEST by
     # patches, 14.5M / 16.7M by shifts at DEFAULT / HIGH. Not run on a TPU.
     precision=jax.lax.Precision.HIGH,
-    # XLA:TPU keeps a batch of images images-minor (layout {0,2,3,1}); patches whose
-    # rows run image-major are copied off that layout. ViT-S/16's patch embedding (v5e,
-    # whole step, batch 128): TrAct's instructions 1.06M estimated cycles with the
-    # images minor, 2.82M image-major (the copy alone 2.0M).
-    images_minor=True,
+    # XLA:TPU keeps a batch of images images-minor (layout {0,2,3,1}); wide patches
+    # whose rows run image-major are copied off that layout. Whole steps on v5e, batch
+    # 128: ViT-S/16's patch embedding (fan-in 768) copied in 0.22M estimated cycles with
+    # the images minor, 2.0M image-major (TrAct's instructions 1.06M against 2.82M);
+    # ViT-Tiny/4's (fan-in 48) in 5.4k against 1.2k. From a lane tile (128) on, then.
+    images_minor_from=128,
 )
 
 PLANS = {'cpu': CPU, 'cuda': GPU, 'rocm': GPU, 'tpu': TPU}

@@ -239,7 +239,8 @@ def _sum_for(
     chunk = min(max(1, budget // max(per_image, 1)), batch)
     parts = choice.gram_parts(cost.fan_in, plan) if method == 'patches' else 1
     scan = plan.scan_chunks and chunk < batch
-    return _Sum(method, parts, plan.precision, chunk, scan, plan.images_minor)
+    minor = plan.images_minor_from is not None and cost.fan_in >= plan.images_minor_from
+    return _Sum(method, parts, plan.precision, chunk, scan, minor)
 
 
 def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
