@@ -6,6 +6,11 @@
     .venv-aot/bin/python -m benchmarks.compiled --targets v5e --models resnet18_cifar
     .venv-aot/bin/python -m benchmarks.compiled --targets h100 --models resnet50_imagenet \
         --plan-change segments=true --out /tmp/segments   # a plan's alternative, priced
+    # another libtpu release: its wheel unpacked, jax pointed at its libtpu.so
+    pip download --no-deps -d /tmp/libtpu libtpu==0.0.52
+    python -m zipfile -e /tmp/libtpu/libtpu-0.0.52-*.whl /tmp/libtpu/x
+    TPU_LIBRARY_PATH=/tmp/libtpu/x/libtpu/libtpu.so .venv-aot/bin/python -m \
+        benchmarks.compiled --targets v5e v6e --out benchmarks/results/compiled_libtpu_0.0.52
 
 For each model and target it compiles the plain and the TrAct training step
 (``benchmarks/overhead.py``'s steps: Adam, float32, the same model with and without
