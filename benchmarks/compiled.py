@@ -430,17 +430,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument('--targets', nargs='+', default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument('--models', nargs='+', default=MODELS, choices=list(overhead.MODELS))
     parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
-    parser.add_argument(
-        '--plan-change',
-        nargs='+',
-        default=[],
-        metavar='FIELD=VALUE',
-        help="each target's plan changed so (e.g. segments=true); needs --out",
-    )
+    overhead.add_plan_change(parser, "each target's plan")
     args = parser.parse_args(argv)
-    changes = overhead.plan_changes(args.plan_change)
-    if changes and args.out == RESULTS:
-        parser.error("--plan-change needs --out: these are not the plans' figures")
+    changes = overhead.parsed_plan_changes(parser, args)
 
     # Run nothing on an accelerator: the plugins' own device discovery is what fails on
     # a machine without one, while their compilers are reached through topologies.
@@ -463,7 +455,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 not_priced.append(f'{name} {model}: not compiled (libtpu {release}: {why})')
             else:
                 try:
-                    with overhead.changed_plan(target.platform, changes):
+                    with choice.changed(target.platform, **changes):
                         rows.append(compile_model(target, model, where))
                 except Exception as error:  # say so, and price the rest
                     first = str(error).splitlines()[0][:200]

@@ -19,7 +19,6 @@ Writes ``benchmarks/results/overhead.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -97,9 +96,26 @@ def plan_changes(pairs: list[str]) -> dict[str, Any]:
     return changes
 
 
-def changed_plan(platform: str, changes: dict[str, Any]) -> contextlib.AbstractContextManager:
-    """``choice.changed`` where there are changes, else nothing."""
-    return choice.changed(platform, **changes) if changes else contextlib.nullcontext()
+def add_plan_change(parser: argparse.ArgumentParser, which: str) -> None:
+    """The ``--plan-change FIELD=VALUE`` option; :func:`parsed_plan_changes` reads it."""
+    parser.add_argument(
+        '--plan-change',
+        nargs='+',
+        default=[],
+        metavar='FIELD=VALUE',
+        help=f'{which} changed so (e.g. segments=true); needs --out',
+    )
+
+
+def parsed_plan_changes(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> dict[str, Any]:
+    """``--plan-change`` as :func:`plan_changes`; refused without an ``--out`` of its own,
+    so that the plans' own results are never overwritten."""
+    changes = plan_changes(args.plan_change)
+    if changes and args.out == parser.get_default('out'):
+        parser.error("--plan-change needs --out: these are not the plans' figures")
+    return changes
 
 
 def compile_steps(
@@ -126,7 +142,7 @@ def compile_steps(
             jax.tree.map(jnp.copy, variables.get('batch_stats', {})),
             tx.init(params),
         ]
-        with changed_plan(jax.default_backend(), changes or {}):
+        with choice.changed(jax.default_backend(), **(changes or {})):
             runs[kind] = [step.lower(*state, x, y).compile(), state]
     return runs, x, y
 
@@ -253,19 +269,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--batch', type=int, default=None, help='override every batch size')
     parser.add_argument('--no-torch', action='store_true')
     parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
-    parser.add_argument(
-        '--plan-change',
-        nargs='+',
-        default=[],
-        metavar='FIELD=VALUE',
-        help="TrAct step under this platform's plan changed so (e.g. segments=true); needs --out",
-    )
+    add_plan_change(parser, "the TrAct step under this platform's plan")
     args = parser.parse_args(argv)
     if 'smoke_cnn' in args.models and not args.no_torch:
         parser.error('smoke_cnn has no PyTorch twin: pass --no-torch with it')
-    changes = plan_changes(args.plan_change)
-    if changes and args.out == RESULTS:
-        parser.error("--plan-change needs --out: these are not the plan's figures")
+    changes = parsed_plan_changes(parser, args)
 
     backend = jax.default_backend()
     rows = []

@@ -162,6 +162,8 @@ def test_a_changed_plan_holds_within_its_context_for_the_platforms_sharing_it():
         'tpu': choice.TPU,
     }
     assert statistics.chosen_method(shape, stem, plan=choice.plan_of('cuda')) == 'patches'
+    with choice.changed('cuda') as plan:  # no changes: the plan itself, untouched
+        assert plan is choice.GPU and choice.plan_of('rocm') is choice.GPU
 
 
 def test_accelerator_plans_chunk_without_a_loop():

@@ -149,8 +149,12 @@ def plan_of(platform: str) -> Plan:
 def changed(platform: str, **changes: Any) -> Iterator[Plan]:
     """Within the context, steps lowered for ``platform`` (and the platforms sharing its
     plan) run its plan with ``changes`` (``Plan`` fields): how the benchmarks time or
-    price a choice before a plan takes it. Yields the changed plan."""
+    price a choice before a plan takes it. Yields the changed plan (without changes,
+    the plan itself, and nothing is touched)."""
     saved, old = dict(PLANS), plan_of(platform)
+    if not changes:
+        yield old
+        return
     new = dataclasses.replace(old, **changes)
     PLANS.update({name: new for name, plan in saved.items() if plan is old})
     try:
