@@ -58,7 +58,7 @@ def statistic_variants(plan: choice.Plan) -> dict[str, tuple[str, choice.Plan]]:
 def _computes(method: str, plan: choice.Plan, n: int) -> tuple[Any, ...]:
     """What ``method`` under ``plan`` computes for a Gram of ``n`` columns."""
     parts = choice.gram_parts(n, plan) if method == 'patches' else 1
-    return method, parts, plan.precision
+    return method, parts, plan.gram_bands and parts > 1, plan.precision
 
 
 def _reference_gram(x: np.ndarray, geometry: unfold.ConvGeometry) -> np.ndarray:

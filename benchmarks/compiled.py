@@ -316,6 +316,10 @@ def statistic_work(model: str, batch: int, plan: choice.Plan) -> dict[str, Any]:
     read, gram_bytes = 4 * math.prod(shape), 4 * n * n
     work, held = cost.of(method)
     work *= batch
+    parts = choice.gram_parts(n, plan) if method == 'patches' else 1
+    if parts > 1:  # the upper blocks only (gram.gram_of_rows)
+        widths = [(i + 1) * n // parts - i * n // parts for i in range(parts)]
+        work = rows * sum(w * sum(widths[i:]) for i, w in enumerate(widths))
     return {
         'method': method,
         'multiply_adds': work,

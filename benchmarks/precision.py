@@ -106,7 +106,9 @@ def statistic_in_passes(passes: int | None) -> Iterator[list[int]]:
         return
     exact = gram.gram_of_rows
 
-    def emulated(rows: jax.Array, *, parts: int, precision: jax.lax.PrecisionLike) -> jax.Array:
+    def emulated(
+        rows: jax.Array, *, parts: int, precision: jax.lax.PrecisionLike, bands: bool = False
+    ) -> jax.Array:
         traced.append(rows.shape[1])
         return gram_in_passes(rows, passes)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import choices, compiled, first_layer, micro, overhead, precision, profile
-from tract_jax._src import statistics, unfold
+from tract_jax._src import choice, statistics, unfold
 
 
 def test_overhead_writes_json_markdown_and_chart(tmp_path):
@@ -128,6 +128,17 @@ def test_compiled_reads_instructions_cycles_and_tract_scopes():
     assert (found['fusion.7'].cycles, found['fusion.7'].tract) == (40, True)
     assert found['fusion.7'].bytes == 27 * 27 * 4 + 8 * 27 * 4
     assert compiled.control_flow(list(found.values())) == {'while': 1, 'conditional': 0}
+
+
+def test_compiled_counts_the_statistics_multiply_adds_as_the_plan_sums_them():
+    """ViT-S/16's 768-column Gram over 128 x 196 rows: one product the full square, the
+    TPU's 3 bands of 256 the upper blocks (6 of 9), against the upper triangle."""
+    rows, n = 128 * 196, 768
+    one = compiled.statistic_work('vit_s16_imagenet', 128, choice.GPU)
+    bands = compiled.statistic_work('vit_s16_imagenet', 128, choice.TPU)
+    assert one['multiply_adds'] == rows * n * n
+    assert bands['multiply_adds'] == rows * 6 * 256 * 256
+    assert one['least_multiply_adds'] == bands['least_multiply_adds'] == rows * n * (n + 1) // 2
 
 
 def test_compiled_reads_the_thunks_xla_gpu_launches():

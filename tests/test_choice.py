@@ -1,5 +1,7 @@
 """The per-platform choices (choice.py): what 'auto' picks, blocks, chunks, plans."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 from helpers import unfold
 
 import tract_jax
-from tract_jax._src import choice, solve, statistic, statistics
+from tract_jax._src import choice, gram, solve, statistic, statistics
 
 
 @pytest.mark.parametrize(
@@ -30,7 +32,7 @@ def test_auto_picks_shifts_where_windows_overlap(kernel, strides, dilation, side
 
 @pytest.mark.parametrize(
     ('n', 'products'),
-    [(767, 1), (768, 4 * 5 // 2), (1000, 5 * 6 // 2), (4000, 8 * 9 // 2)],
+    [(575, 1), (576, 3 * 4 // 2), (767, 3 * 4 // 2), (768, 4 * 5 // 2), (4000, 8 * 9 // 2)],
 )
 def test_large_gram_is_summed_in_upper_blocks(n, products, x64):
     """Against numpy's XᵀX, with the number of products the docstring gives."""
@@ -39,6 +41,26 @@ def test_large_gram_is_summed_in_upper_blocks(n, products, x64):
     np.testing.assert_allclose(jax.jit(choice.gram_matrix)(x), expected, atol=1e-12)
     hlo = jax.jit(choice.gram_matrix).lower(x).as_text()
     assert hlo.count('stablehlo.dot_general') == products
+
+
+@pytest.mark.parametrize(
+    ('n', 'bands'), [(767, 1), (768, 3), (1000, 3), (1024, 4), (4000, 8), (2049, 8)]
+)
+def test_tpu_sums_a_large_gram_in_upper_bands(n, bands, x64):
+    """The TPU plan's Gram: one product per band of 256 columns (at most 8, at least 3),
+    exactly numpy's XᵀX, lower blocks the upper ones' transposes."""
+    x = jax.random.normal(jax.random.key(n), (40, n), jnp.float64)
+    expected = np.asarray(x).T @ np.asarray(x)
+    gram_of = jax.jit(functools.partial(choice.gram_matrix, plan=choice.TPU))
+    got = np.asarray(gram_of(x))
+    np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-11)
+    if bands > 1:  # the blocks below the diagonal are copies
+        edge = n // bands
+        np.testing.assert_array_equal(got[edge:, :edge], got[:edge, edge:].T)
+    hlo = gram_of.lower(x).as_text()
+    assert hlo.count('stablehlo.dot_general') == bands
+    by_blocks = gram.gram_of_rows(x, parts=bands, precision='highest')
+    np.testing.assert_allclose(got, by_blocks, rtol=1e-13, atol=1e-11)
     stat = statistic.to_gram(statistic.RowStatistic(x))  # every Gram statistic's way
     np.testing.assert_allclose(stat.gram, expected, atol=1e-12)
 
@@ -87,9 +109,10 @@ def test_chunking_bounds_the_memory_of_the_statistic():
         (((7, 7), 2, 3), (5, 40, 36, 3)),  # overlapping: by shifts (CPU), segments (TPU)
         (((4, 4), 4, 'VALID'), (3, 16, 16, 2)),  # a patch embedding
         (((8, 8), 8, 'VALID'), (20, 17, 40, 3)),  # 192 columns: images minor on TPU
+        (((16, 16), 16, 'VALID'), (9, 160, 145, 3)),  # 768 columns: blocks, bands on TPU
         (((3, 3), 1, 'CIRCULAR'), (4, 9, 9, 2)),
     ],
-    ids=['stem', 'patch embedding', 'wide patch embedding', 'circular'],
+    ids=['stem', 'patch embedding', 'wide patch embedding', 'ViT-S/16 embedding', 'circular'],
 )
 @pytest.mark.parametrize('chunk_images', [None, 2])
 def test_every_plan_gives_the_gram_of_the_patches(plan, fields, shape, chunk_images, x64):
@@ -141,10 +164,16 @@ def test_each_plan_picks_what_its_platform_measured(plan, resnet50, cifar, preci
     assert choice.SEGMENT_LANES == 128
     # benchmarks.compiled on v5e: ViT-S/16's embedding (768) images-minor, ViT-Tiny/4's (48) not
     assert plan.images_minor_from == (128 if plan is choice.TPU else None)
+    # ViT-S/16's Gram (768 columns): CPU 4 blocks (benchmarks.micro's timing), v5e/v6e 3
+    # bands of 256 (benchmarks.compiled), the GPU one GEMM
+    parts, bands = {'cpu': (4, False), 'gpu': (1, False), 'tpu': (3, True)}[plan.name]
     for side, patch, minor in ((224, 16, plan is choice.TPU), (32, 4, False)):
         geometry = statistics.ConvGeometry((patch, patch), patch, 'VALID')
         cost = statistics.gram_cost((128, side, side, 3), geometry)
-        assert statistics._sum_for(plan, cost, 128, 'auto', None).images_minor == minor
+        how = statistics._sum_for(plan, cost, 128, 'auto', None)
+        assert how.images_minor == minor
+        if side == 224:
+            assert (how.parts, how.bands) == (parts, bands)
 
 
 def test_a_changed_plan_holds_within_its_context_for_the_platforms_sharing_it():

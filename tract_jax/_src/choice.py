@@ -38,8 +38,10 @@ class Plan:
       shifts: whether ``'auto'`` may sum an overlapping conv's Gram by shifts.
       segments: whether ``'auto'`` sums an overlapping 2-D conv's Gram from segments
         of image rows where a segment fits ``SEGMENT_LANES`` (before shifts).
-      gram_block: columns per block from which a Gram of rows is summed in 4 to 8
-        upper blocks; ``None`` for one product always.
+      gram_block: columns per block from which a Gram of rows is summed in 3 to 8
+        column blocks, the upper ones only; ``None`` for one product always.
+      gram_bands: multiply those upper blocks a band (a block row) per product rather
+        than a block per product (``gram.gram_of_rows``).
       precision: the precision of every product of a statistic.
       chunk_bytes: the most bytes of patches (or shifted rows) held at once; larger
         batches are summed in chunks of images.
@@ -56,6 +58,7 @@ class Plan:
     shifts: bool
     segments: bool
     gram_block: int | None
+    gram_bands: bool
     precision: jax.lax.PrecisionLike
     chunk_bytes: int
     scan_chunks: bool
@@ -70,8 +73,13 @@ CPU = Plan(
     shifts=True,
     segments=False,  # lanes are a TPU's layout; not measured here
     # ViT-S/16's patch embedding (n = 768): 8.8 ms in 4 or 8 blocks vs 12.3 ms in one
-    # product, alternated with the conv forward; 2 blocks gained nothing (11.2 ms).
+    # product, alternated with the conv forward; 2 blocks gained nothing (11.2 ms). A
+    # 588-column Gram (14x14x3 patches, 8,192 rows) in 3 blocks: 0.82x one product's time
+    # (13.0 vs 15.7 ms, medians of 21 alternated rounds).
     gram_block=192,
+    # By bands, the 768-column Gram of 6,272 rows took 1.39x the blocks' time (23.8 vs
+    # 17.5 ms): XLA:CPU copies each band's columns into a matmul operand.
+    gram_bands=False,
     precision=_HIGHEST,  # XLA:CPU has no faster float32 product.
     # Patches of a 256-image ResNet-50 batch take 1.9 GB; 64 MiB chunks keep the
     # working set near the caches and the memory flat (benchmarks.memory).
@@ -95,6 +103,7 @@ GPU = Plan(
     shifts=False,
     segments=False,  # not priced for a GPU
     gram_block=None,
+    gram_bands=False,
     # HIGHEST is true float32 on GPU (DEFAULT and HIGH are TF32, 10-bit mantissas).
     # A 3-pass TF32 preset may be as accurate and faster: measured by gpu_check.sh.
     precision=_HIGHEST,
@@ -119,6 +128,14 @@ TPU = dataclasses.replace(
     # Where segments do not apply (3-D stems), shifts: the ResNet-50 stem's statistic
     # alone took 16.7M estimated cycles and 5.8 GB by shifts, 25.9M and 15.3 GB by patches.
     shifts=True,
+    # ViT-S/16's patch embedding (768 columns) in 3 bands of 256 columns (0.67x the
+    # multiply-adds): TrAct's instructions 0.64% of the v5e step's estimated cycles (from
+    # 0.75% in one product), step +0.90% (from +1.02%); v6e 0.71% (0.73%), +0.89%
+    # (+1.09%). In 6 bands of 128 (v5e's MXU tile, 0.58x) v5e's own went to 0.57% but
+    # v6e's stayed at 0.75% (its MXU is 256 wide) and its step was +3.58%; in 21
+    # blocks of 128 each product read the whole patches (v5e bytes +5.19%).
+    gram_block=256,
+    gram_bands=True,
     # HIGHEST is six bfloat16 MXU passes; HIGH is three (bf16_3x). Emulated on CPU
     # (hi/lo bfloat16 splits, float32 sums), 3 passes left a Dense update's relative
     # error at 3.3e-6 (6 passes: 7.6e-8) and a [0, 255] digits update's at 5.1e-7,
@@ -190,18 +207,19 @@ def gram_parts(n: int, plan: Plan) -> int:
     if plan.gram_block is None:
         return 1
     parts = min(n // plan.gram_block, 8)
-    return parts if parts >= 4 else 1
+    return parts if parts >= 3 else 1
 
 
 def gram_matrix(rows: jax.Array, plan: Plan | None = None) -> jax.Array:
     """``XᵀX`` of ``rows`` as ``plan`` computes it (default: the platform's plan)."""
 
-    def decide(plan: Plan) -> tuple[int, jax.lax.PrecisionLike]:
-        return gram_parts(rows.shape[1], plan), plan.precision
+    def decide(plan: Plan) -> tuple[int, bool, jax.lax.PrecisionLike]:
+        parts = gram_parts(rows.shape[1], plan)
+        return parts, plan.gram_bands and parts > 1, plan.precision
 
-    def run(decision: tuple[int, jax.lax.PrecisionLike], rows: jax.Array) -> jax.Array:
-        parts, precision = decision
-        return gram.gram_of_rows(rows, parts=parts, precision=precision)
+    def run(decision: tuple[int, bool, jax.lax.PrecisionLike], rows: jax.Array) -> jax.Array:
+        parts, bands, precision = decision
+        return gram.gram_of_rows(rows, parts=parts, precision=precision, bands=bands)
 
     if plan is None:
         return per_platform(decide, run, rows)

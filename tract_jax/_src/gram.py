@@ -12,22 +12,36 @@ import jax
 import jax.numpy as jnp
 
 
-def gram_of_rows(rows: jax.Array, *, parts: int, precision: jax.lax.PrecisionLike) -> jax.Array:
+def gram_of_rows(
+    rows: jax.Array, *, parts: int, precision: jax.lax.PrecisionLike, bands: bool = False
+) -> jax.Array:
     """``XᵀX`` of ``rows``, in one product (``parts < 2``) or summed in column blocks.
 
     With ``parts`` blocks of about ``n / parts`` columns each, only the blocks on and
-    above the diagonal are multiplied (4 blocks: 10 of 16 products, 0.62x the
-    multiply-adds; 8: 0.56x) and those below are their exact transposes.
+    above the diagonal are multiplied (3 blocks: 0.67x the multiply-adds; 4: 0.62x;
+    8: 0.56x) and those below are their exact transposes. They are multiplied one
+    block per product (``parts (parts + 1) / 2`` products, each reading two blocks),
+    or with ``bands`` one band per product: a block against every column from the
+    diagonal on (``parts`` products, each reading a block and the columns right of it).
     """
     if parts < 2:
         return jnp.matmul(rows.T, rows, precision=precision)
     n = rows.shape[1]
     edges = [i * n // parts for i in range(parts + 1)]
-    columns = [rows[:, lo:hi] for lo, hi in itertools.pairwise(edges)]
-    upper = {
-        (i, j): jnp.matmul(columns[i].T, columns[j], precision=precision)
-        for i, j in itertools.combinations_with_replacement(range(parts), 2)
-    }
+    pairs = list(itertools.combinations_with_replacement(range(parts), 2))
+    if bands:
+        band = [
+            jnp.matmul(rows[:, lo:hi].T, rows[:, lo:], precision=precision)
+            for lo, hi in itertools.pairwise(edges)
+        ]
+        upper = {
+            (i, j): band[i][:, edges[j] - edges[i] : edges[j + 1] - edges[i]] for i, j in pairs
+        }
+    else:
+        columns = [rows[:, lo:hi] for lo, hi in itertools.pairwise(edges)]
+        upper = {
+            (i, j): jnp.matmul(columns[i].T, columns[j], precision=precision) for i, j in pairs
+        }
     return symmetric_from_upper(upper, parts)
 
 

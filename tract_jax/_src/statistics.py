@@ -219,6 +219,7 @@ class _Sum(NamedTuple):
 
     method: str  # 'patches', 'shifts' or 'segments'
     parts: int  # column blocks of the patches' Gram (< 2: one product)
+    bands: bool  # the upper blocks a band per product
     precision: jax.lax.PrecisionLike
     chunk: int  # images per chunk
     scan: bool  # chunks in a lax.scan rather than unrolled
@@ -240,7 +241,8 @@ def _sum_for(
     parts = choice.gram_parts(cost.fan_in, plan) if method == 'patches' else 1
     scan = plan.scan_chunks and chunk < batch
     minor = plan.images_minor_from is not None and cost.fan_in >= plan.images_minor_from
-    return _Sum(method, parts, plan.precision, chunk, scan, minor)
+    bands = plan.gram_bands and parts > 1
+    return _Sum(method, parts, bands, plan.precision, chunk, scan, minor)
 
 
 def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
@@ -251,7 +253,9 @@ def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
     def gram_of(images: jax.Array) -> jax.Array:
         if how.method == 'patches':
             rows = unfold.conv_rows(images, geometry, images_minor=how.images_minor)
-            return gram.gram_of_rows(rows, parts=how.parts, precision=how.precision)
+            return gram.gram_of_rows(
+                rows, parts=how.parts, precision=how.precision, bands=how.bands
+            )
         summed = {  # the two that slide over the padded input themselves
             'shifts': functools.partial(
                 gram_by_shifts.gram_by_shifts, correlate_from=choice.CORRELATE_FROM
