@@ -77,8 +77,10 @@ def test_segments_are_for_2d_convolutions_only():
 
 @cpu_only
 def test_cost_counts_the_multiply_adds_of_the_compiled_statistic():
-    """XLA's count of the compiled statistic's flops: the segments' products per image
-    (gram_by_segments.cost) plus the per-batch 0/1 picks."""
+    """XLA's count of the compiled statistic's flops: the cut and the segments' products
+    per image (gram_by_segments.cost) plus the per-batch 0/1 picks. The cost counts the
+    cut of every padded row, where XLA leaves out some that no product reads (here 0.4%
+    of the statistic's flops)."""
     batch, shape = 4, (4, 64, 64, 3)
     geometry = statistics.ConvGeometry((7, 7), 2, 3)
     cost = statistics.gram_cost(shape, geometry)
@@ -91,4 +93,4 @@ def test_cost_counts_the_multiply_adds_of_the_compiled_statistic():
     blocks, n = 7 * 8 // 2, 7 * 3
     picks = blocks * (m * m * columns * n + m * columns * n * n)
     expected = 2 * (batch * cost.segments + picks)
-    assert expected <= flops <= 1.05 * expected
+    assert 0.98 * expected <= flops <= 1.05 * expected
