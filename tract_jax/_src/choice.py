@@ -123,7 +123,8 @@ TPU = dataclasses.replace(
     # benchmarks.compiled, whole training steps at batch 128). From segments of image
     # rows TrAct's instructions took 1.7M of the ResNet-50 step's estimated cycles (step
     # +1.7% over plain), by shifts 15.7M (+10.5%); the CIFAR ResNet-18 step's 56k (step
-    # +8.5%) against 129k by patches (+10.2%).
+    # +8.5%) against 129k by patches (+10.2%). With the segments cut by a convolution
+    # (gram_by_segments._cut): 1.31M (+0.84%) and 49k (+7.9%).
     segments=True,
     # Where segments do not apply (3-D stems), shifts: the ResNet-50 stem's statistic
     # alone took 16.7M estimated cycles and 5.8 GB by shifts, 25.9M and 15.3 GB by patches.
