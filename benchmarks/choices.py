@@ -57,8 +57,8 @@ def statistic_variants(plan: choice.Plan) -> dict[str, tuple[str, choice.Plan]]:
 
 def _computes(method: str, plan: choice.Plan, n: int) -> tuple[Any, ...]:
     """What ``method`` under ``plan`` computes for a Gram of ``n`` columns."""
-    parts = choice.gram_parts(n, plan) if method == 'patches' else 1
-    return method, parts, plan.gram_bands and parts > 1, plan.precision
+    blocks = choice.gram_blocks(n, plan) if method == 'patches' else (1, False)
+    return method, *blocks, plan.precision
 
 
 def _reference_gram(x: np.ndarray, geometry: unfold.ConvGeometry) -> np.ndarray:

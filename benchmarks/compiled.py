@@ -58,7 +58,7 @@ from jax.sharding import PartitionSpec as P
 
 from benchmarks import overhead
 from examples import steps
-from tract_jax._src import choice, statistic, statistics, unfold
+from tract_jax._src import choice, gram, statistic, statistics, unfold
 
 RESULTS = pathlib.Path(__file__).parent / 'results'
 SCOPES = (statistic.STATISTIC_SCOPE, statistic.SOLVE_SCOPE)
@@ -316,10 +316,8 @@ def statistic_work(model: str, batch: int, plan: choice.Plan) -> dict[str, Any]:
     read, gram_bytes = 4 * math.prod(shape), 4 * n * n
     work, held = cost.of(method)
     work *= batch
-    parts = choice.gram_parts(n, plan) if method == 'patches' else 1
-    if parts > 1:  # the upper blocks only (gram.gram_of_rows)
-        widths = [(i + 1) * n // parts - i * n // parts for i in range(parts)]
-        work = rows * sum(w * sum(widths[i:]) for i, w in enumerate(widths))
+    if method == 'patches':  # in the plan's column blocks, the upper ones only
+        work = gram.multiply_adds(rows, n, choice.gram_blocks(n, plan)[0])
     return {
         'method': method,
         'multiply_adds': work,

@@ -203,20 +203,20 @@ def per_platform(decide: Callable[[Plan], Hashable], run: Callable[..., Any], *a
     return jax.lax.platform_dependent(*args, **branches, default=default)
 
 
-def gram_parts(n: int, plan: Plan) -> int:
-    """How many column blocks ``plan`` sums a Gram of ``n`` columns in (< 2: one product)."""
-    if plan.gram_block is None:
-        return 1
-    parts = min(n // plan.gram_block, 8)
-    return parts if parts >= 3 else 1
+def gram_blocks(n: int, plan: Plan) -> tuple[int, bool]:
+    """``(parts, bands)``: how many column blocks ``plan`` sums a Gram of ``n`` columns in
+    (1: one product), and whether it multiplies their upper blocks a band per product."""
+    parts = 1 if plan.gram_block is None else min(n // plan.gram_block, 8)
+    if parts < 3:
+        return 1, False
+    return parts, plan.gram_bands
 
 
 def gram_matrix(rows: jax.Array, plan: Plan | None = None) -> jax.Array:
     """``XᵀX`` of ``rows`` as ``plan`` computes it (default: the platform's plan)."""
 
     def decide(plan: Plan) -> tuple[int, bool, jax.lax.PrecisionLike]:
-        parts = gram_parts(rows.shape[1], plan)
-        return parts, plan.gram_bands and parts > 1, plan.precision
+        return *gram_blocks(rows.shape[1], plan), plan.precision
 
     def run(decision: tuple[int, bool, jax.lax.PrecisionLike], rows: jax.Array) -> jax.Array:
         parts, bands, precision = decision

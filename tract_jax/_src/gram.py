@@ -26,8 +26,7 @@ def gram_of_rows(
     """
     if parts < 2:
         return jnp.matmul(rows.T, rows, precision=precision)
-    n = rows.shape[1]
-    edges = [i * n // parts for i in range(parts + 1)]
+    edges = _edges(rows.shape[1], parts)
     pairs = list(itertools.combinations_with_replacement(range(parts), 2))
     if bands:
         band = [
@@ -43,6 +42,20 @@ def gram_of_rows(
             (i, j): jnp.matmul(columns[i].T, columns[j], precision=precision) for i, j in pairs
         }
     return symmetric_from_upper(upper, parts)
+
+
+def _edges(n: int, parts: int) -> list[int]:
+    """Where ``n`` columns are cut into ``parts`` blocks of about ``n / parts`` each."""
+    return [i * n // parts for i in range(parts + 1)]
+
+
+def multiply_adds(rows: int, n: int, parts: int) -> int:
+    """The multiply-adds of :func:`gram_of_rows` for ``rows x n`` rows in ``parts``
+    blocks (the full square for one product; bands or blocks alike otherwise)."""
+    if parts < 2:
+        return rows * n * n
+    widths = [hi - lo for lo, hi in itertools.pairwise(_edges(n, parts))]
+    return rows * sum(w * sum(widths[i:]) for i, w in enumerate(widths))
 
 
 def symmetric_from_upper(upper: dict[tuple[int, int], jax.Array], k: int) -> jax.Array:

@@ -238,10 +238,9 @@ def _sum_for(
     per_image = cost.of(method)[1]
     budget = plan.chunk_bytes if max_chunk_bytes is None else max_chunk_bytes
     chunk = min(max(1, budget // max(per_image, 1)), batch)
-    parts = choice.gram_parts(cost.fan_in, plan) if method == 'patches' else 1
+    parts, bands = choice.gram_blocks(cost.fan_in, plan) if method == 'patches' else (1, False)
     scan = plan.scan_chunks and chunk < batch
     minor = plan.images_minor_from is not None and cost.fan_in >= plan.images_minor_from
-    bands = plan.gram_bands and parts > 1
     return _Sum(method, parts, bands, plan.precision, chunk, scan, minor)
 
 
