@@ -33,6 +33,51 @@ def test_gram_by_segments_is_the_gram_of_unfolded_patches(case, lanes, x64):
     np.testing.assert_allclose(_gram(x, case, lanes), patches.T @ patches, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('lanes', [24, 128])
+@pytest.mark.parametrize('case', CASES_2D, ids=str)
+def test_the_zeros_of_the_padding_need_not_be_written(case, lanes, x64):
+    """Given the input before its zero padding and those zeros: whole unpadded rows
+    where they fit (stride and dilation 1 along the rows), else the padded segments."""
+    x = jax.random.normal(jax.random.key(7), (3, *case[-1], 2), jnp.float64) + 0.5
+    geometry = statistics.ConvGeometry(*case[:-1])
+    before, config = unfold_module.zero_padding(x, geometry)
+    if any(interior for *_, interior in config):
+        pytest.skip('a dilated input is padded first')
+    window = unfold_module.Window.of(geometry)
+    pads = [(low, high) for low, high, _ in config]
+    found = gram_by_segments.gram_by_segments(
+        before, window, lanes=lanes, precision=HIGHEST, pads=pads
+    )
+    patches = unfold(x, *case[:-1])
+    np.testing.assert_allclose(found, patches.T @ patches, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ('fields', 'shape', 'expected'),
+    [
+        (((3, 3), 1, 1), (1, 32, 32, 3), True),  # CIFAR: 96 values a row
+        (((5, 5), (1, 2), 'SAME'), (1, 28, 28, 1), True),  # MNIST, strided along columns
+        (((3, 3), 1, 1), (1, 64, 64, 3), False),  # 192 values: cut into segments
+        (((7, 7), 2, 3), (1, 32, 32, 3), False),  # strided along rows
+        (((3, 3), 1, 1, 1, (2, 1)), (1, 32, 32, 3), False),  # dilated along rows
+    ],
+)
+def test_whole_rows_where_a_row_fits_and_the_window_moves_a_row(fields, shape, expected):
+    window = unfold_module.Window.of(statistics.ConvGeometry(*fields))
+    assert gram_by_segments.whole_rows(shape, window, choice.SEGMENT_LANES) is expected
+
+
+def test_a_cifar_stem_reads_its_images_unpadded():
+    """The statistic of a CIFAR stem by whole rows: no pad, the products one convolution
+    over the rows and the rows' products at the two borders."""
+    geometry = statistics.ConvGeometry((3, 3), 1, 1)
+    fn = jax.jit(lambda x: statistics.geometry_statistic(x, geometry, method='segments'))
+    text = fn.lower(jax.ShapeDtypeStruct((8, 32, 32, 3), jnp.float32)).as_text()
+    assert 'stablehlo.pad' not in text
+    assert text.count('stablehlo.convolution') == 1
+    assert text.count('stablehlo.dot_general') == 2 + 2  # the borders, then the picks
+
+
 def test_the_statistic_by_segments_under_jit(x64):
     """As the layers call it (method='segments'), jitted: the count is the rows'."""
     case = CASES_2D[-3]
@@ -92,5 +137,22 @@ def test_cost_counts_the_multiply_adds_of_the_compiled_statistic():
     m = 3 * gram_by_segments.segment_width(columns, window)
     blocks, n = 7 * 8 // 2, 7 * 3
     picks = blocks * (m * m * columns * n + m * columns * n * n)
+    expected = 2 * (batch * cost.segments + picks)
+    assert 0.98 * expected <= flops <= 1.05 * expected
+
+
+@cpu_only
+def test_cost_counts_the_multiply_adds_of_whole_rows():
+    """By whole rows (a CIFAR stem): the convolution over the rows (every offset, all
+    rows), the two border rows' products, and the per-batch picks."""
+    batch, shape = 4, (4, 32, 32, 3)
+    geometry = statistics.ConvGeometry((3, 3), 1, 1)
+    cost = statistics.gram_cost(shape, geometry)
+    m = 3 * 32
+    assert cost.segments == (3 * 32 + 2) * m * m
+    fn = jax.jit(lambda x: statistics.geometry_statistic(x, geometry, method='segments'))
+    analysis = fn.lower(jax.ShapeDtypeStruct(shape, jnp.float32)).compile().cost_analysis()
+    flops = (analysis[0] if isinstance(analysis, list) else analysis)['flops']
+    picks = 6 * (m * m * 32 * 9 + m * 32 * 9 * 9)
     expected = 2 * (batch * cost.segments + picks)
     assert 0.98 * expected <= flops <= 1.05 * expected

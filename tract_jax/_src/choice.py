@@ -124,7 +124,8 @@ TPU = dataclasses.replace(
     # rows TrAct's instructions took 1.7M of the ResNet-50 step's estimated cycles (step
     # +1.7% over plain), by shifts 15.7M (+10.5%); the CIFAR ResNet-18 step's 56k (step
     # +8.5%) against 129k by patches (+10.2%). With the segments cut by a convolution
-    # (gram_by_segments._cut): 1.31M (+0.84%) and 49k (+7.9%).
+    # (gram_by_segments._cut): 1.31M (+0.84%) and 49k (+7.9%); CIFAR's by whole rows
+    # (gram_by_segments.whole_rows): 50k (+2.65%).
     segments=True,
     # Where segments do not apply (3-D stems), shifts: the ResNet-50 stem's statistic
     # alone took 16.7M estimated cycles and 5.8 GB by shifts, 25.9M and 15.3 GB by patches.
@@ -271,16 +272,23 @@ class GramCost(NamedTuple):
 
 
 def gram_cost(
-    padded: Sequence[int], window: unfold.Window, channels: int, itemsize: int
+    padded: Sequence[int],
+    window: unfold.Window,
+    channels: int,
+    itemsize: int,
+    zeros: Sequence[tuple[int, int]] | None = None,
 ) -> GramCost:
-    """What each formulation costs for one padded image of spatial size ``padded``."""
+    """What each formulation costs for one padded image of spatial size ``padded``, whose
+    padding holds ``zeros`` zeros (``(low, high)`` per spatial dim) if given."""
     padded = list(padded)
     out = window.out(padded)
     k0, d0, s0 = window.kernel_size[0], window.dilation[0], window.strides[0]
     n = math.prod(window.kernel_size) * channels
     segments = (0, 0)  # multiply-adds, bytes
     if gram_by_segments.fits(window, channels, SEGMENT_LANES) and math.prod(out) > 0:
-        segments = gram_by_segments.cost(padded, window, channels, SEGMENT_LANES, itemsize)
+        segments = gram_by_segments.cost(
+            padded, window, channels, SEGMENT_LANES, itemsize, pads=zeros
+        )
     return GramCost(
         patches=math.prod(out) * n * n,
         shifts=gram_by_shifts.multiply_adds(padded, window, channels),

@@ -19,16 +19,29 @@ layout and writes in the products'. A block is ``(c·w)²``; the ``(k·c)²`` bl
 the sum, over the ``J`` output columns of a segment, of the sub-blocks at their
 columns, picked by a 0/1 matrix (two small products at HIGHEST: exact).
 
+Where a whole unpadded image row fits the lanes and the window moves one row at a time
+(a CIFAR stem: 32 columns x 3 channels, 96 values), the segments are the image rows
+themselves, in XLA:TPU's layout a bitcast of the images (rows, then channels, then
+columns, the images in the lanes): nothing is cut and the zero padding is never
+written. The products of every row offset are then one convolution over the rows,
+each block subtracts the few rows its window does not cover (or the padding does),
+and the picks skip the padded columns.
+
 ``choice.py`` decides where it pays (XLA:TPU's prices there); any platform runs it.
 """
 
 from __future__ import annotations
+
+import functools
+import operator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tract_jax._src import gram, gram_by_shifts, unfold
+
+Pads = tuple[tuple[int, int], ...] | list[tuple[int, int]]
 
 
 def segment_width(columns: int, window: unfold.Window) -> int:
@@ -61,14 +74,101 @@ def _last_row(size0: int, s0: int, phase: int, partner: int, offset: int, stop: 
     return min(stop, rows[0], rows[1] - offset)
 
 
-def _selection(columns: int, width: int, window: unfold.Window, channels: int) -> np.ndarray:
+def _selection(
+    columns: int, width: int, window: unfold.Window, channels: int, skipped: int = 0
+) -> np.ndarray:
     """``(c·w, J, k·c)`` 0/1: segment value ``(channel, column)`` of output column ``j``'s
-    patch entry ``(offset, channel)``."""
+    patch entry ``(offset, channel)``, for segments that start ``skipped`` columns into
+    the padded row (entries in the columns left out are zeros: no value)."""
     k, s, d = window.kernel_size[-1], window.strides[-1], window.dilation[-1]
     j, u, c = np.meshgrid(np.arange(columns), np.arange(k), np.arange(channels), indexing='ij')
+    column = s * j + d * u - skipped
+    inside = (column >= 0) & (column < width)
     picks = np.zeros((channels * width, columns, k * channels), np.float32)
-    picks[c * width + s * j + d * u, j, u * channels + c] = 1
+    picks[(c * width + column)[inside], j[inside], (u * channels + c)[inside]] = 1
     return picks
+
+
+def _assemble(blocks: dict[tuple[int, int], jax.Array], picks: np.ndarray, k0: int) -> jax.Array:
+    """The Gram from its blocks of segment values: each ``(k·c)²`` block is the sum over
+    output columns of the sub-blocks at their columns, picked by the 0/1 ``picks``
+    (two small products at HIGHEST: exact)."""
+    stacked = jnp.stack(list(blocks.values()))
+    picks = jnp.asarray(picks, stacked.dtype)
+    highest = jax.lax.Precision.HIGHEST
+    picked = jnp.einsum('bpq,qjy->bpjy', stacked, picks, precision=highest)
+    picked = jnp.einsum('pjx,bpjy->bxy', picks, picked, precision=highest)
+    return gram.symmetric_from_upper(dict(zip(blocks, picked, strict=True)), k0)
+
+
+def whole_rows(shape: tuple[int, ...], window: unfold.Window, lanes: int) -> bool:
+    """Whether the segments of unpadded images of ``shape`` (``images, rows, columns,
+    channels``) are their whole rows: a row fits the lanes and the window moves one row
+    at a time (stride and dilation 1 along the rows)."""
+    return (
+        len(window.kernel_size) == 2
+        and window.strides[0] == 1
+        and window.dilation[0] == 1
+        and shape[2] * shape[3] <= lanes
+    )
+
+
+def _row_products(
+    rows: int, k0: int, low: int, out0: int
+) -> dict[tuple[int, int], tuple[bool, list[tuple[int, int]]]]:
+    """How :func:`_by_whole_rows` makes each block ``(a, a + Δ)`` of a stride-1 window
+    over ``rows`` unpadded rows below ``low`` zero rows: ``(True, ranges)``, the
+    offset-``Δ`` product of all rows less the products of rows ``[start, stop)`` in
+    ``ranges``, or ``(False, ranges)``, the sum of those products alone (where fewer
+    rows are in the block than out of it; no range: zeros). A range's product pairs
+    its rows with the rows ``Δ`` below."""
+    found = {}
+    for delta in range(k0):
+        for a in range(k0 - delta):
+            first, stop = max(a - low, 0), min(a - low + out0, rows - delta)
+            if stop - first <= (rows - delta) - (stop - first):
+                found[a, a + delta] = (False, [(first, stop)] if stop > first else [])
+            else:
+                out = [(0, first)] if first > 0 else []
+                out += [(stop, rows - delta)] if stop < rows - delta else []
+                found[a, a + delta] = (True, out)
+    return found
+
+
+def _by_whole_rows(
+    x: jax.Array, window: unfold.Window, pads: Pads, precision: jax.lax.PrecisionLike
+) -> jax.Array:
+    """:func:`gram_by_segments` where :func:`whole_rows` holds: the image rows are the
+    segments, unpadded; every row offset's product in one convolution over the rows."""
+    (k0, _), (low0, high0), (low1, high1) = window.kernel_size, *pads
+    images, rows, width, channels = x.shape
+    out0, out1 = window.out([rows + low0 + high0, width + low1 + high1])
+    m = channels * width
+    # (row, value, image), values (channel, column): XLA:TPU's layout of the images.
+    segments = x.transpose(1, 3, 2, 0).reshape(rows, m, images)
+
+    def product(start: int, stop: int, delta: int) -> jax.Array:
+        a, b = segments[start:stop], segments[start + delta : stop + delta]
+        return jax.lax.dot_general(a, b, (((0, 2), (0, 2)), ((), ())), precision=precision)
+
+    # offset[Δ][p, q] = Σ_r segments[r + Δ, p] segments[r, q], all rows r (zeros past
+    # the last): one convolution whose window is the whole image.
+    offset = jax.lax.conv_general_dilated(
+        segments,
+        segments,
+        (1,),
+        [(0, k0 - 1)],
+        dimension_numbers=('WNC', 'WOI', 'WNC'),
+        precision=precision,
+    )
+    blocks = {}
+    for (a, b), (from_offset, ranges) in _row_products(rows, k0, low0, out0).items():
+        products = [product(start, stop, b - a) for start, stop in ranges]
+        if from_offset:
+            blocks[a, b] = functools.reduce(operator.sub, products, offset[b - a].T)
+        else:
+            blocks[a, b] = sum(products, jnp.zeros((m, m), x.dtype))
+    return _assemble(blocks, _selection(out1, width, window, channels, low1), k0)
 
 
 def _cut(x: jax.Array, width: int, stride: int, count: int) -> jax.Array:
@@ -99,15 +199,27 @@ def _cut(x: jax.Array, width: int, stride: int, count: int) -> jax.Array:
 
 
 def gram_by_segments(
-    x: jax.Array, window: unfold.Window, *, lanes: int, precision: jax.lax.PrecisionLike
+    x: jax.Array,
+    window: unfold.Window,
+    *,
+    lanes: int,
+    precision: jax.lax.PrecisionLike,
+    pads: Pads = ((0, 0), (0, 0)),
 ) -> jax.Array:
-    """``XᵀX`` of the patches of the padded 2-D input ``x`` (``images, rows, columns,
-    channels``), from segments of at most ``lanes`` values (see the module docstring)."""
+    """``XᵀX`` of the patches of the 2-D input ``x`` (``images, rows, columns,
+    channels``) padded with ``pads`` zeros (``(low, high)`` per spatial dim; ``window``
+    slides over the padded input), from segments of at most ``lanes`` values (see the
+    module docstring)."""
     if len(window.kernel_size) != 2:
         raise ValueError(
             f'tract_jax: the Gram by segments is for 2-D convolutions; this one has '
             f'{len(window.kernel_size)} spatial dims. Use method="patches" or "shifts".'
         )
+    if whole_rows(x.shape, window, lanes) and x.size and min(min(p) for p in pads) >= 0:
+        return _by_whole_rows(x, window, pads, precision)
+    x = jax.lax.pad(
+        x, jnp.zeros((), x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)]
+    )
     (k0, k1), (s0, s1), _ = window
     images, size0, size1, channels = x.shape
     out0, out1 = window.out([size0, size1])
@@ -129,35 +241,44 @@ def gram_by_segments(
 
     plan = gram_by_shifts.shift_plan(k0, s0, window.dilation[0])
     blocks = gram_by_shifts.shifted_blocks(plan, {}, product, out0, -(-size0 // s0))
-    picks = jnp.asarray(_selection(columns, width, window, channels), x.dtype)
-    stacked = jnp.stack(list(blocks.values()))
-    highest = jax.lax.Precision.HIGHEST
-    picked = jnp.einsum('bpq,qjy->bpjy', stacked, picks, precision=highest)
-    picked = jnp.einsum('pjx,bpjy->bxy', picks, picked, precision=highest)
-    return gram.symmetric_from_upper(dict(zip(blocks, picked, strict=True)), k0)
+    return _assemble(blocks, _selection(columns, width, window, channels), k0)
 
 
 def cost(
-    padded: list[int], window: unfold.Window, channels: int, lanes: int, itemsize: int
+    padded: list[int],
+    window: unfold.Window,
+    channels: int,
+    lanes: int,
+    itemsize: int,
+    pads: Pads | None = None,
 ) -> tuple[int, int]:
     """Multiply-adds and bytes held per image by :func:`gram_by_segments` on a padded
-    image of that size: the convolution that cuts the segments and the products of
-    segment rows (the 0/1 picks of the blocks are per batch, not per image), and the
-    segments of every row."""
+    image of that size (with ``pads``, the zeros of that padding: whole rows may apply):
+    the convolution that cuts the segments, or by whole rows the convolution over the
+    rows, and the products of segment rows (the 0/1 picks of the blocks are per batch,
+    not per image); and the segments of every row."""
     out = window.out(padded)
+    k0, s0, d0 = window.kernel_size[0], window.strides[0], window.dilation[0]
+    if pads is not None and min(min(p) for p in pads) >= 0:
+        rows, width = (size - sum(p) for size, p in zip(padded, pads, strict=True))
+        if whole_rows((1, rows, width, channels), window, lanes) and rows * width > 0:
+            m = channels * width
+            ranges = _row_products(rows, k0, pads[0][0], out[0]).values()
+            products = sum(stop - start for _, found in ranges for start, stop in found)
+            return (k0 * rows + products) * m * m, rows * m * itemsize
     columns = segment_columns(window, out[1], channels, lanes)
     count, m = out[1] // columns, channels * segment_width(columns, window)
-    k0, s0, d0 = window.kernel_size[0], window.strides[0], window.dilation[0]
     plan = gram_by_shifts.shift_plan(k0, s0, d0)
     length = -(-padded[0] // s0)
 
-    def rows(phase, partner, offset, start, stop):
+    def rows_of(phase, partner, offset, start, stop):
         return max(_last_row(padded[0], s0, phase, partner, offset, stop) - start, 0)
 
     correlated = {(p, q, o) for p, q, _, o in plan.values()}
-    summed = sum(rows(p, q, o, 0, length) for p, q, o in correlated)
+    summed = sum(rows_of(p, q, o, 0, length) for p, q, o in correlated)
     summed += sum(
-        rows(p, q, o, 0, j0) + rows(p, q, o, j0 + out[0], length) for p, q, j0, o in plan.values()
+        rows_of(p, q, o, 0, j0) + rows_of(p, q, o, j0 + out[0], length)
+        for p, q, j0, o in plan.values()
     )
     cut = padded[0] * count * m * m
     return cut + summed * count * m * m, padded[0] * count * m * itemsize

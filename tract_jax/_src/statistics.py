@@ -199,8 +199,28 @@ def gram_cost(
     padded = jax.eval_shape(functools.partial(unfold.padded, geometry=geometry), one)
     itemsize = statistic.statistic_dtype(dtype).itemsize
     return choice.gram_cost(
-        padded.shape[1:-1], unfold.Window.of(geometry), padded.shape[-1], itemsize
+        padded.shape[1:-1],
+        unfold.Window.of(geometry),
+        padded.shape[-1],
+        itemsize,
+        zeros=_zeros(one, geometry),
     )
+
+
+def _zeros(images: Any, geometry: ConvGeometry) -> list[tuple[int, int]] | None:
+    """The zeros ``unfold.padded`` adds to ``images`` (an array or its shape and dtype),
+    ``(low, high)`` per spatial dim; ``None`` where the input is dilated."""
+    found = []
+
+    def pad(images: jax.Array) -> jax.Array:
+        x, config = unfold.zero_padding(images, geometry)
+        found.append(config)
+        return x
+
+    jax.eval_shape(pad, images)
+    if any(interior for *_, interior in found[0]):
+        return None
+    return [(low, high) for low, high, _ in found[0]]
 
 
 def chosen_method(
@@ -255,16 +275,27 @@ def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
             return gram.gram_of_rows(
                 rows, parts=how.parts, precision=how.precision, bands=how.bands
             )
-        summed = {  # the two that slide over the padded input themselves
-            'shifts': functools.partial(
-                gram_by_shifts.gram_by_shifts, correlate_from=choice.CORRELATE_FROM
-            ),
-            'segments': functools.partial(
-                gram_by_segments.gram_by_segments, lanes=choice.SEGMENT_LANES
-            ),
-        }[how.method]
         window = unfold.Window.of(geometry)
-        return summed(unfold.padded(images, geometry), window, precision=how.precision)
+        if how.method == 'shifts':
+            return gram_by_shifts.gram_by_shifts(
+                unfold.padded(images, geometry),
+                window,
+                correlate_from=choice.CORRELATE_FROM,
+                precision=how.precision,
+            )
+        zeros = _zeros(images, geometry)  # segments: the zeros need not be written
+        x = (
+            unfold.padded(images, geometry)
+            if zeros is None
+            else unfold.zero_padding(images, geometry)[0]
+        )
+        return gram_by_segments.gram_by_segments(
+            x,
+            window,
+            lanes=choice.SEGMENT_LANES,
+            precision=how.precision,
+            pads=zeros or ((0, 0), (0, 0)),
+        )
 
     batch = images.shape[0]
     if how.chunk >= batch:

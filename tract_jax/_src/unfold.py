@@ -94,6 +94,17 @@ def padded(inputs: jax.Array, geometry: ConvGeometry) -> jax.Array:
     """The input as the convolution reads it, ``(images, *spatial, channels)``, padded
     and input-dilated exactly as ``flax.linen.Conv`` (or Equinox) does; ``Window.of
     (geometry)`` then slides over it without padding. Leading batch dims are merged."""
+    x, config = zero_padding(inputs, geometry)
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *config, (0, 0, 0)])
+
+
+def zero_padding(
+    inputs: jax.Array, geometry: ConvGeometry
+) -> tuple[jax.Array, list[tuple[int, int, int]]]:
+    """:func:`padded`'s input before its zeros: ``(images, *spatial, channels)`` with any
+    other padding mode applied, and the zeros ``lax.pad`` adds per spatial dim, ``(low,
+    high, interior)`` (interior: the input dilation). Lets a statistic leave the zeros
+    unwritten."""
     inputs = jax.lax.stop_gradient(jnp.asarray(inputs))
     rank = geometry.rank
     kernel_size = as_tuple(geometry.kernel_size, rank)
@@ -134,8 +145,7 @@ def padded(inputs: jax.Array, geometry: ConvGeometry) -> jax.Array:
     if isinstance(pads, str):  # SAME / VALID, on the dilated input as lax does
         dilated = [(s - 1) * d + 1 for s, d in zip(x.shape[1:-1], input_dilation, strict=True)]
         pads = jax.lax.padtype_to_pads(dilated, window, strides, pads)
-    config = [(lo, hi, d - 1) for (lo, hi), d in zip(pads, input_dilation, strict=True)]
-    return jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *config, (0, 0, 0)])
+    return x, [(lo, hi, d - 1) for (lo, hi), d in zip(pads, input_dilation, strict=True)]
 
 
 def patches(x: jax.Array, window: Window, *, images_minor: bool = False) -> jax.Array:
