@@ -34,15 +34,15 @@ def test_gram_by_segments_is_the_gram_of_unfolded_patches(case, lanes, x64):
 
 
 @pytest.mark.parametrize('lanes', [24, 128])
-@pytest.mark.parametrize('case', CASES_2D, ids=str)
+@pytest.mark.parametrize('case', [c for c in CASES_2D if c[3] == (1, 1)], ids=str)
 def test_the_zeros_of_the_padding_need_not_be_written(case, lanes, x64):
     """Given the input before its zero padding and those zeros: whole unpadded rows
-    where they fit (stride and dilation 1 along the rows), else the padded segments."""
+    where they fit (stride and dilation 1 along the rows), else the padded segments.
+    (A dilated input is padded first, zeros and all.)"""
     x = jax.random.normal(jax.random.key(7), (3, *case[-1], 2), jnp.float64) + 0.5
     geometry = statistics.ConvGeometry(*case[:-1])
     before, config = unfold_module.zero_padding(x, geometry)
-    if any(interior for *_, interior in config):
-        pytest.skip('a dilated input is padded first')
+    assert not any(interior for *_, interior in config)
     window = unfold_module.Window.of(geometry)
     pads = [(low, high) for low, high, _ in config]
     found = gram_by_segments.gram_by_segments(

@@ -207,20 +207,27 @@ def gram_cost(
     )
 
 
-def _zeros(images: Any, geometry: ConvGeometry) -> list[tuple[int, int]] | None:
-    """The zeros ``unfold.padded`` adds to ``images`` (an array or its shape and dtype),
-    ``(low, high)`` per spatial dim; ``None`` where the input is dilated."""
+def _unpadded(images: jax.Array, geometry: ConvGeometry) -> tuple[jax.Array, list[tuple[int, int]]]:
+    """The images before the zeros ``unfold.padded`` adds, and those zeros, ``(low, high)``
+    per spatial dim: what the Gram by segments takes (a dilated input comes padded, with
+    no zeros left to add)."""
+    x, config = unfold.zero_padding(images, geometry)
+    if any(interior for *_, interior in config):
+        return unfold.padded(images, geometry), [(0, 0)] * len(config)
+    return x, [(low, high) for low, high, _ in config]
+
+
+def _zeros(images: Any, geometry: ConvGeometry) -> list[tuple[int, int]]:
+    """:func:`_unpadded`'s zeros for images of that shape and dtype."""
     found = []
 
-    def pad(images: jax.Array) -> jax.Array:
-        x, config = unfold.zero_padding(images, geometry)
-        found.append(config)
+    def unpadded(images: jax.Array) -> jax.Array:
+        x, zeros = _unpadded(images, geometry)
+        found.append(zeros)
         return x
 
-    jax.eval_shape(pad, images)
-    if any(interior for *_, interior in found[0]):
-        return None
-    return [(low, high) for low, high, _ in found[0]]
+    jax.eval_shape(unpadded, images)
+    return found[0]
 
 
 def chosen_method(
@@ -283,18 +290,9 @@ def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
                 correlate_from=choice.CORRELATE_FROM,
                 precision=how.precision,
             )
-        zeros = _zeros(images, geometry)  # segments: the zeros need not be written
-        x = (
-            unfold.padded(images, geometry)
-            if zeros is None
-            else unfold.zero_padding(images, geometry)[0]
-        )
+        x, zeros = _unpadded(images, geometry)  # segments need not write the zeros
         return gram_by_segments.gram_by_segments(
-            x,
-            window,
-            lanes=choice.SEGMENT_LANES,
-            precision=how.precision,
-            pads=zeros or ((0, 0), (0, 0)),
+            x, window, lanes=choice.SEGMENT_LANES, precision=how.precision, pads=zeros
         )
 
     batch = images.shape[0]
