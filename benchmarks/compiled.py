@@ -4,6 +4,8 @@
                                                    # CUDA plugin (no GPU libraries needed)
     .venv-aot/bin/python -m benchmarks.compiled    # every model, TPU v5e and v6e, H100
     .venv-aot/bin/python -m benchmarks.compiled --targets v5e --models resnet18_cifar
+    .venv-aot/bin/python -m benchmarks.compiled --targets v5e v6e --models resnet18_cifar \
+        --batch 512 --out benchmarks/results/compiled_resnet18_batch512   # another batch
     .venv-aot/bin/python -m benchmarks.compiled --targets h100 --models resnet50_imagenet \
         --plan-change segments=true --out /tmp/segments   # a plan's alternative, priced
     # another libtpu release: its wheel unpacked, jax pointed at its libtpu.so
@@ -432,6 +434,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument('--targets', nargs='+', default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument('--models', nargs='+', default=MODELS, choices=list(overhead.MODELS))
     parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
+    parser.add_argument(
+        '--batch', type=int, help="per-chip batch of every model (default: each target's)"
+    )
     overhead.add_plan_change(parser, "each target's plan")
     args = parser.parse_args(argv)
     changes = overhead.parsed_plan_changes(parser, args)
@@ -444,12 +449,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     header = (
         f'Compiled on {info["date"]} with jax {info["jax"]}, libtpu {info["libtpu"]}, '
         f'jax-cuda12-plugin {info["jax-cuda12-plugin"]} (`python -m benchmarks.compiled'
+        + (f' --batch {args.batch}' if args.batch is not None else '')
         + ''.join(f' --plan-change {change}' for change in args.plan_change)
         + '`).\n\n'
     )
     rows, not_priced = [], []
     for name in args.targets:
         target = TARGETS[name]
+        if args.batch is not None:
+            target = dataclasses.replace(target, batches=dict.fromkeys(target.batches, args.batch))
         where = sharding(target)
         for model in [m for m in args.models if m in target.batches]:
             release, why = target.skipped.get(model, (None, ''))
