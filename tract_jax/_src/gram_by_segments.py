@@ -33,6 +33,7 @@ and the picks skip the padded columns.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 
 import jax
@@ -101,15 +102,20 @@ def _assemble(blocks: dict[tuple[int, int], jax.Array], picks: np.ndarray, k0: i
     return gram.symmetric_from_upper(dict(zip(blocks, picked, strict=True)), k0)
 
 
-def whole_rows(shape: tuple[int, ...], window: unfold.Window, lanes: int) -> bool:
+def whole_rows(
+    shape: tuple[int, ...], window: unfold.Window, lanes: int, pads: Pads = ((0, 0), (0, 0))
+) -> bool:
     """Whether the segments of unpadded images of ``shape`` (``images, rows, columns,
-    channels``) are their whole rows: a row fits the lanes and the window moves one row
+    channels``), padded with ``pads`` zeros, are their whole rows: there are some, a row
+    fits the lanes, the padding adds zeros (none cropped) and the window moves one row
     at a time (stride and dilation 1 along the rows)."""
     return (
         len(window.kernel_size) == 2
         and window.strides[0] == 1
         and window.dilation[0] == 1
         and shape[2] * shape[3] <= lanes
+        and math.prod(shape) > 0
+        and min(min(p) for p in pads) >= 0
     )
 
 
@@ -215,7 +221,7 @@ def gram_by_segments(
             f'tract_jax: the Gram by segments is for 2-D convolutions; this one has '
             f'{len(window.kernel_size)} spatial dims. Use method="patches" or "shifts".'
         )
-    if whole_rows(x.shape, window, lanes) and x.size and min(min(p) for p in pads) >= 0:
+    if whole_rows(x.shape, window, lanes, pads):
         return _by_whole_rows(x, window, pads, precision)
     x = jax.lax.pad(
         x, jnp.zeros((), x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)]
@@ -259,9 +265,9 @@ def cost(
     not per image); and the segments of every row."""
     out = window.out(padded)
     k0, s0, d0 = window.kernel_size[0], window.strides[0], window.dilation[0]
-    if pads is not None and min(min(p) for p in pads) >= 0:
+    if pads is not None:
         rows, width = (size - sum(p) for size, p in zip(padded, pads, strict=True))
-        if whole_rows((1, rows, width, channels), window, lanes) and rows * width > 0:
+        if whole_rows((1, rows, width, channels), window, lanes, pads):
             m = channels * width
             ranges = _row_products(rows, k0, pads[0][0], out[0]).values()
             products = sum(stop - start for _, found in ranges for start, stop in found)

@@ -10,7 +10,6 @@ comes out replicated, the compiler summing the per-device parts.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -196,15 +195,17 @@ def gram_cost(
 ) -> choice.GramCost:
     """What each formulation costs per image for channels-last inputs of ``shape``."""
     one = jax.ShapeDtypeStruct((1, *shape[-(geometry.rank + 1) :]), dtype)
-    padded = jax.eval_shape(functools.partial(unfold.padded, geometry=geometry), one)
+    found = []
+
+    def unpadded(images: jax.Array) -> jax.Array:
+        x, zeros = _unpadded(images, geometry)
+        found.append(zeros)
+        return x
+
+    x, (zeros,) = jax.eval_shape(unpadded, one), found
+    padded = [size + low + high for size, (low, high) in zip(x.shape[1:-1], zeros, strict=True)]
     itemsize = statistic.statistic_dtype(dtype).itemsize
-    return choice.gram_cost(
-        padded.shape[1:-1],
-        unfold.Window.of(geometry),
-        padded.shape[-1],
-        itemsize,
-        zeros=_zeros(one, geometry),
-    )
+    return choice.gram_cost(padded, unfold.Window.of(geometry), x.shape[-1], itemsize, zeros=zeros)
 
 
 def _unpadded(images: jax.Array, geometry: ConvGeometry) -> tuple[jax.Array, list[tuple[int, int]]]:
@@ -215,19 +216,6 @@ def _unpadded(images: jax.Array, geometry: ConvGeometry) -> tuple[jax.Array, lis
     if any(interior for *_, interior in config):
         return unfold.padded(images, geometry), [(0, 0)] * len(config)
     return x, [(low, high) for low, high, _ in config]
-
-
-def _zeros(images: Any, geometry: ConvGeometry) -> list[tuple[int, int]]:
-    """:func:`_unpadded`'s zeros for images of that shape and dtype."""
-    found = []
-
-    def unpadded(images: jax.Array) -> jax.Array:
-        x, zeros = _unpadded(images, geometry)
-        found.append(zeros)
-        return x
-
-    jax.eval_shape(unpadded, images)
-    return found[0]
 
 
 def chosen_method(
