@@ -78,6 +78,36 @@ def test_a_cifar_stem_reads_its_images_unpadded():
     assert text.count('stablehlo.dot_general') == 2 + 2  # the borders, then the picks
 
 
+def test_a_strided_stem_reads_its_segments_in_one_convolution():
+    """A ResNet-50 stem (7x7/2): one pad, the convolution that cuts the segments with
+    both phases side by side, and one convolution for every offset of every pair of
+    phases; the rest are the products of the rows the blocks leave out and the picks."""
+    geometry = statistics.ConvGeometry((7, 7), 2, 3)
+    fn = jax.jit(lambda x: statistics.geometry_statistic(x, geometry, method='segments'))
+    text = fn.lower(jax.ShapeDtypeStruct((8, 224, 224, 3), jnp.float32)).as_text()
+    assert text.count('stablehlo.pad') == 1
+    assert text.count('stablehlo.convolution') == 2
+    assert 'tensor<2x37x3x222xf32>' in text  # the cut's kernel: 2 rows, 2 x 111 values
+    assert '-> tensor<4x1x222x222xf32>' in text  # offsets 0 to 3, both phases either side
+
+
+def test_the_cut_runs_at_the_precision_of_the_products_it_feeds():
+    """Under the TPU plan (HIGH: three bfloat16 passes) the cut keeps each value's two
+    bfloat16 parts, which is what the HIGH products read of it; under the CPU's
+    (HIGHEST) it is exact."""
+    geometry = statistics.ConvGeometry((7, 7), 2, 3)
+    for plan, precision in ((choice.TPU, 'HIGH'), (choice.CPU, 'HIGHEST')):
+        fn = jax.jit(
+            lambda x, plan=plan: statistics.geometry_statistic(
+                x, geometry, method='segments', plan=plan
+            )
+        )
+        text = fn.lower(jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)).as_text()
+        convolutions = [line for line in text.splitlines() if 'stablehlo.convolution' in line]
+        assert len(convolutions) == 2
+        assert all(f'precision {precision}>' in line for line in convolutions)
+
+
 def test_the_statistic_by_segments_under_jit(x64):
     """As the layers call it (method='segments'), jitted: the count is the rows'."""
     case = CASES_2D[-3]

@@ -125,7 +125,9 @@ TPU = dataclasses.replace(
     # +1.7% over plain), by shifts 15.7M (+10.5%); the CIFAR ResNet-18 step's 56k (step
     # +8.5%) against 129k by patches (+10.2%). With the segments cut by a convolution
     # (gram_by_segments._cut): 1.31M (+0.84%) and 49k (+7.9%); CIFAR's by whole rows
-    # (gram_by_segments.whole_rows): 50k (+2.65%).
+    # (gram_by_segments.whole_rows): 50k (+2.65%). ResNet-50's with every offset of its
+    # phases in one convolution: 1.52M (+0.98%) on v5e, 0.54M (+0.68%, from 0.97M and
+    # +1.21% by a product per offset) on v6e (libtpu 0.0.52).
     segments=True,
     # Where segments do not apply (3-D stems), shifts: the ResNet-50 stem's statistic
     # alone took 16.7M estimated cycles and 5.8 GB by shifts, 25.9M and 15.3 GB by patches.

@@ -12,10 +12,14 @@ fills the lanes (a ResNet-50 stem: ``J = 16``, 111 values; a CIFAR stem: the who
 Each pair of kernel rows ``(a, a')`` is then the product of segment rows ``t`` and
 ``t + d·(a' − a)`` summed over images, segments and output rows; as in
 ``gram_by_shifts.py``, the sum over one phase's rows is taken once per offset and
-each block subtracts the few rows it does not cover. The products contract over the
-images, the array's minor dim in the layout XLA:TPU gives a batch of images, and the
-segments are cut by one convolution with a 0/1 kernel, which XLA:TPU reads from that
-layout and writes in the products'. A block is ``(c·w)²``; the ``(k·c)²`` block of the Gram is
+each block subtracts the few rows it does not cover. The segments are cut by one
+convolution with a 0/1 kernel, which XLA:TPU reads from the layout a batch of images
+comes in and writes with the rows of the ``s`` phases side by side (``s·c·w`` values)
+and the images minor; every offset of every pair of phases is then one convolution
+whose window is a whole phase, contracting over rows, segments and images, so that
+the segments are read once (a product per phase, partner and offset read its rows
+each time: 14 reads of half the segments in a ResNet-50 stem, which bounded its
+cost). A block is ``(c·w)²``; the ``(k·c)²`` block of the Gram is
 the sum, over the ``J`` output columns of a segment, of the sub-blocks at their
 columns, picked by a 0/1 matrix (two small products at HIGHEST: exact).
 
@@ -177,29 +181,49 @@ def _by_whole_rows(
     return _assemble(blocks, _selection(out1, width, window, channels, low1), k0)
 
 
-def _cut(x: jax.Array, width: int, stride: int, count: int) -> jax.Array:
-    """``(row, segment, value, image)``: the ``count`` segments of ``width`` columns every
-    ``stride`` columns of each padded image row, values ``(channel, column)``.
+def _cut(
+    x: jax.Array,
+    width: int,
+    stride: int,
+    count: int,
+    phases: int,
+    precision: jax.lax.PrecisionLike,
+) -> jax.Array:
+    """``(row of a phase, segment, (phase, value), image)``: the ``count`` segments of
+    ``width`` columns every ``stride`` columns of each padded image row, values
+    ``(channel, column)``, the rows of the ``phases`` phases side by side (``x``'s rows
+    a multiple of ``phases``).
 
     Cut by one convolution with a 0/1 kernel (each output feature picks one value of
-    its window; HIGHEST, so exact: six bfloat16 passes on a TPU hold all 24 bits of a
-    float32 times 1). XLA:TPU then reads the images once, in the layout they come in,
-    and writes the segments in the layout the products read; slices and a stack took
-    four passes there (a copy of the images, a padded transpose, the slices, their stack:
-    1.6M estimated cycles of the ResNet-50 step on v5e, against the convolution's 0.29M).
+    its window, ``phases`` rows high and strided alike). XLA:TPU then reads the images
+    once, in the layout they come in, and writes the segments in the layout the
+    products read; slices and a stack took four passes there (a copy of the images, a
+    padded transpose, the slices, their stack: 1.6M estimated cycles of the ResNet-50
+    step on v5e, against the convolution's 0.29M), and the phases interleaved after a
+    cut of single rows, a copy of the segments (0.15M on v6e).
+
+    The cut runs at the ``precision`` of the products it feeds, which keeps of each
+    value exactly what they read: at HIGHEST it is exact (six bfloat16 passes hold all
+    24 bits of a float32 times 1); at HIGH (three passes, the TPU plan's) it keeps the
+    value's two bfloat16 parts, ``hi + lo``, which are the parts a HIGH product splits
+    its operands into, so the products see what they would have seen of the exact
+    value; at DEFAULT, ``hi``. (A TPU's passes cost the 7x7/2 stem's cut, which
+    multiplies both phases' rows, 0.57M of the v5e step's estimated cycles at HIGHEST.)
     """
     channels, size1 = x.shape[-1], x.shape[2]
     m = channels * width
-    picks = np.zeros((1, width, channels, m), np.float32)
-    column, channel = np.meshgrid(np.arange(width), np.arange(channels), indexing='ij')
-    picks[0, column, channel, channel * width + column] = 1
+    picks = np.zeros((phases, width, channels, phases * m), np.float32)
+    phase, column, channel = np.meshgrid(
+        np.arange(phases), np.arange(width), np.arange(channels), indexing='ij'
+    )
+    picks[phase, column, channel, phase * m + channel * width + column] = 1
     segments = jax.lax.conv_general_dilated(
         x,
         jnp.asarray(picks, x.dtype),
-        (1, stride),
+        (phases, stride),
         [(0, 0), (0, max(stride * (count - 1) + width - size1, 0))],
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        precision=jax.lax.Precision.HIGHEST,
+        precision=precision,
     )
     return segments.transpose(1, 2, 3, 0)
 
@@ -223,30 +247,52 @@ def gram_by_segments(
         )
     if whole_rows(x.shape, window, lanes, pads):
         return _by_whole_rows(x, window, pads, precision)
-    x = jax.lax.pad(
-        x, jnp.zeros((), x.dtype), [(0, 0, 0), *((lo, hi, 0) for lo, hi in pads), (0, 0, 0)]
-    )
     (k0, k1), (s0, s1), _ = window
-    images, size0, size1, channels = x.shape
+    images, channels = x.shape[0], x.shape[-1]
+    size0, size1 = (size + sum(p) for size, p in zip(x.shape[1:3], pads, strict=True))
     out0, out1 = window.out([size0, size1])
     if out0 == 0 or out1 == 0 or images == 0:
         return jnp.zeros((k0 * k1 * channels,) * 2, x.dtype)
+    length = -(-size0 // s0)  # rows per phase, the last ones zeros where phases differ
+    (low0, high0), (low1, high1) = pads
+    x = jax.lax.pad(
+        x,
+        jnp.zeros((), x.dtype),
+        [(0, 0, 0), (low0, high0 + length * s0 - size0, 0), (low1, high1, 0), (0, 0, 0)],
+    )
     columns = segment_columns(window, out1, channels, lanes)
     width, stride, count = segment_width(columns, window), s1 * columns, out1 // columns
     m = channels * width
-    segments = _cut(x, width, stride, count)
+    segments = _cut(x, width, stride, count, s0, precision)
+    plan = gram_by_shifts.shift_plan(k0, s0, window.dilation[0])
+    reach = max(offset for *_, offset in plan.values())
+    # offsets[o, (q, i), (p, j)] = Σ over rows r, segments and images of phase q's row
+    # r + o, value i, times phase p's row r, value j: every offset of every pair of
+    # phases in one convolution whose window is a whole phase (zeros past the last row).
+    offsets = jax.lax.conv_general_dilated(
+        segments,
+        segments,
+        (1, 1),
+        [(0, reach), (0, 0)],
+        dimension_numbers=('HWNC', 'HWOI', 'HWNC'),
+        precision=precision,
+    )[:, 0]
+    full = {
+        (p, q, o): offsets[o, q * m : (q + 1) * m, p * m : (p + 1) * m].T
+        for (p, q), (lo, hi) in gram_by_shifts.offset_ranges(plan).items()
+        for o in range(lo, hi + 1)
+    }
 
     def product(phase, partner, offset, start, stop):
         stop = _last_row(size0, s0, phase, partner, offset, stop)
         if stop <= start:
             return jnp.zeros((m, m), x.dtype)
-        a = segments[phase + s0 * start : phase + s0 * (stop - 1) + 1 : s0]
-        b = segments[partner + s0 * (start + offset) : partner + s0 * (stop + offset - 1) + 1 : s0]
+        a = segments[start:stop, :, phase * m : (phase + 1) * m]
+        b = segments[start + offset : stop + offset, :, partner * m : (partner + 1) * m]
         contract = (0, 1, 3)
         return jax.lax.dot_general(a, b, ((contract, contract), ((), ())), precision=precision)
 
-    plan = gram_by_shifts.shift_plan(k0, s0, window.dilation[0])
-    blocks = gram_by_shifts.shifted_blocks(plan, {}, product, out0, -(-size0 // s0))
+    blocks = gram_by_shifts.shifted_blocks(plan, full, product, out0, length)
     return _assemble(blocks, _selection(columns, width, window, channels), k0)
 
 
@@ -260,9 +306,10 @@ def cost(
 ) -> tuple[int, int]:
     """Multiply-adds and bytes held per image by :func:`gram_by_segments` on a padded
     image of that size (with ``pads``, the zeros of that padding: whole rows may apply):
-    the convolution that cuts the segments, or by whole rows the convolution over the
-    rows, and the products of segment rows (the 0/1 picks of the blocks are per batch,
-    not per image); and the segments of every row."""
+    the convolution that cuts the segments and the one over the phases' rows (every
+    offset of every pair of phases, over all rows), or by whole rows the convolution
+    over the rows, and the products of the rows the blocks leave out (the 0/1 picks of
+    the blocks are per batch, not per image); and the segments of every row."""
     out = window.out(padded)
     k0, s0, d0 = window.kernel_size[0], window.strides[0], window.dilation[0]
     if pads is not None:
@@ -276,15 +323,15 @@ def cost(
     count, m = out[1] // columns, channels * segment_width(columns, window)
     plan = gram_by_shifts.shift_plan(k0, s0, d0)
     length = -(-padded[0] // s0)
+    reach = max(offset for *_, offset in plan.values())
 
     def rows_of(phase, partner, offset, start, stop):
         return max(_last_row(padded[0], s0, phase, partner, offset, stop) - start, 0)
 
-    correlated = {(p, q, o) for p, q, _, o in plan.values()}
-    summed = sum(rows_of(p, q, o, 0, length) for p, q, o in correlated)
-    summed += sum(
+    uncovered = sum(
         rows_of(p, q, o, 0, j0) + rows_of(p, q, o, j0 + out[0], length)
         for p, q, j0, o in plan.values()
     )
-    cut = padded[0] * count * m * m
-    return cut + summed * count * m * m, padded[0] * count * m * itemsize
+    cut = length * count * s0 * s0 * m * m  # a (phases x width) window per phases x values
+    offsets = (reach + 1) * length * count * (s0 * m) ** 2
+    return cut + offsets + uncovered * count * m * m, length * s0 * count * m * itemsize
