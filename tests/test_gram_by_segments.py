@@ -108,6 +108,30 @@ def test_the_cut_runs_at_the_precision_of_the_products_it_feeds():
         assert all(f'precision {precision}>' in line for line in convolutions)
 
 
+def test_a_cut_at_high_leaves_the_high_statistic_as_it_was():
+    """Emulated as benchmarks.precision does (bfloat16 parts, each product exact, summed
+    in float32): the HIGH Gram of the values a HIGH cut keeps (``hi + lo``) is the HIGH
+    Gram of the values themselves, up to float32 summation, in raw pixels and in
+    standardized inputs alike; a few values split into another pair of the same sum."""
+    from benchmarks.precision import gram_in_passes, split
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (4096, 27)).astype(np.float32)
+    standardized = (pixels - 120.3) / 64.1
+    for rows, exact in (
+        (pixels, True),
+        (standardized, False),
+        (rng.normal(size=(4096, 27)), False),
+    ):
+        rows = jnp.asarray(rows, jnp.float32)
+        hi, lo = split(rows, 2)
+        cut = hi + lo
+        assert bool(jnp.all(cut == rows)) is exact  # 8-bit pixels are bfloat16 numbers
+        assert float(jnp.mean(split(cut, 2)[0] != hi)) < 0.01
+        want, found = gram_in_passes(rows, 3), gram_in_passes(cut, 3)
+        np.testing.assert_allclose(found, want, rtol=0, atol=1e-6 * float(jnp.max(want)))
+
+
 def test_the_statistic_by_segments_under_jit(x64):
     """As the layers call it (method='segments'), jitted: the count is the rows'."""
     case = CASES_2D[-3]

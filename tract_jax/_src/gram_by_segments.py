@@ -203,12 +203,14 @@ def _cut(
     cut of single rows, a copy of the segments (0.15M on v6e).
 
     The cut runs at the ``precision`` of the products it feeds, which keeps of each
-    value exactly what they read: at HIGHEST it is exact (six bfloat16 passes hold all
-    24 bits of a float32 times 1); at HIGH (three passes, the TPU plan's) it keeps the
-    value's two bfloat16 parts, ``hi + lo``, which are the parts a HIGH product splits
-    its operands into, so the products see what they would have seen of the exact
-    value; at DEFAULT, ``hi``. (A TPU's passes cost the 7x7/2 stem's cut, which
-    multiplies both phases' rows, 0.57M of the v5e step's estimated cycles at HIGHEST.)
+    value what they read: at HIGHEST it is exact (six bfloat16 passes hold all 24 bits
+    of a float32 times 1); at HIGH (three passes, the TPU plan's) it keeps the value's
+    two bfloat16 parts, ``hi + lo``, which a HIGH product splits back into ``hi`` and
+    ``lo`` (or, where ``lo`` rounded to half a unit of ``hi``, into another pair of the
+    same sum, which differs only in the ``lo·lo`` term bf16_3x leaves out anyway); at
+    DEFAULT, ``hi``. The emulated update is the same to three digits (``tests``). (A
+    TPU's passes cost the 7x7/2 stem's cut, which multiplies both phases' rows, 0.57M of
+    the v5e step's estimated cycles at HIGHEST, 0.29M at HIGH.)
     """
     channels, size1 = x.shape[-1], x.shape[2]
     m = channels * width
