@@ -127,7 +127,9 @@ TPU = dataclasses.replace(
     # (gram_by_segments._cut): 1.31M (+0.84%) and 49k (+7.9%); CIFAR's by whole rows
     # (gram_by_segments.whole_rows): 50k (+2.65%). ResNet-50's with every offset of its
     # phases in one convolution: 1.52M (+0.98%) on v5e, 0.54M (+0.68%, from 0.97M and
-    # +1.21% by a product per offset) on v6e (libtpu 0.0.52).
+    # +1.21% by a product per offset) on v6e (libtpu 0.0.52); with segments of 8 columns,
+    # both phases in one 128-lane tile (gram_by_segments.segment_columns): 0.99M (+0.64%)
+    # on v5e, 0.91M (+0.87%) on v6e, the better of the two on the worse chip.
     segments=True,
     # Where segments do not apply (3-D stems), shifts: the ResNet-50 stem's statistic
     # alone took 16.7M estimated cycles and 5.8 GB by shifts, 25.9M and 15.3 GB by patches.
@@ -231,10 +233,13 @@ def gram_matrix(rows: jax.Array, plan: Plan | None = None) -> jax.Array:
 
 
 SEGMENT_LANES = 128
-"""The most values a segment of image rows holds (``gram_by_segments.py``): one TPU
-tile. Priced on v5e (whole ResNet-50 step): segments of up to 128 values left TrAct's
-own instructions at 2.75M estimated cycles, up to 256 at 4.09M (larger tiles, fewer
-segments; both with each phase padded to whole rows, which later went)."""
+"""The lanes of a tile the segments of image rows are sized by (``gram_by_segments.py``;
+``segment_columns`` picks the segments that leave the fewest such tiles to multiply).
+Priced on v5e (whole ResNet-50 step): segments of up to 128 values left TrAct's own
+instructions at 2.75M estimated cycles, up to 256 at 4.09M (larger tiles, fewer
+segments; both with each phase padded to whole rows, which later went); with the phases
+side by side, tiles of 128 gave 0.99M on v5e and 0.91M on v6e, segments of up to 128
+values a phase 1.52M and 0.54M."""
 
 CORRELATE_FROM = 32
 """Rows per phase from which the Gram by shifts correlates whole phases in one

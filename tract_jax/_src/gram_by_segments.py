@@ -5,9 +5,9 @@ patches are narrow (3 channels: a 7x7 window's row of 21 values, a 3x3 window's 
 the patches' Gram and the Gram by shifts of ``gram_by_shifts.py`` fill a sixth of
 the lanes and copy the image into that layout first. Here a row's unit is a *segment*:
 the input columns that ``J`` neighbouring output columns read, all channels, ``c·w``
-values (``w = s·(J − 1) + d·(k − 1) + 1`` columns), ``J`` chosen so that a segment
-fills the lanes (a ResNet-50 stem: ``J = 16``, 111 values; a CIFAR stem: the whole
-34-column row, 102 values).
+values (``w = s·(J − 1) + d·(k − 1) + 1`` columns), ``J`` chosen so that the
+segments fill the lanes (a ResNet-50 stem: ``J = 8``, 63 values, 126 with its two phases
+side by side; a CIFAR stem: the whole 34-column row, 102 values).
 
 Each pair of kernel rows ``(a, a')`` is then the product of segment rows ``t`` and
 ``t + d·(a' − a)`` summed over images, segments and output rows; as in
@@ -57,14 +57,21 @@ def segment_width(columns: int, window: unfold.Window) -> int:
 
 
 def segment_columns(window: unfold.Window, out_last: int, channels: int, lanes: int) -> int:
-    """Output columns per segment: the largest divisor of ``out_last`` whose segment
-    holds at most ``lanes`` values (at least 1)."""
-    fits = [
-        j
-        for j in range(1, out_last + 1)
-        if out_last % j == 0 and segment_width(j, window) * channels <= lanes
-    ]
-    return max(fits, default=1)
+    """Output columns per segment ``J``: the divisor of ``out_last`` that leaves the
+    fewest tiles of ``lanes`` to multiply at each row offset, ``out_last / J`` segments
+    of ``s·c·w`` values each (the rows of the ``s`` phases side by side) times
+    ``⌈s·c·w / lanes⌉²``; the widest of equals.
+
+    A ResNet-50 stem (7x7/2): ``J = 8``, 63 values a phase, 126 side by side, one tile
+    for 14 segments; ``J = 16`` (111 values, 222) took four for 7. A CIFAR stem (3x3/1):
+    the whole row, 102 values."""
+    s0 = window.strides[0]
+
+    def tiles(j: int) -> tuple[int, int]:
+        values = s0 * channels * segment_width(j, window)
+        return out_last // j * math.ceil(values / lanes) ** 2, -j
+
+    return min((j for j in range(1, out_last + 1) if out_last % j == 0), key=tiles, default=1)
 
 
 def fits(window: unfold.Window, channels: int, lanes: int) -> bool:
