@@ -216,8 +216,8 @@ def _cut(
     ``lo`` (or, where ``lo`` rounded to half a unit of ``hi``, into another pair of the
     same sum, which differs only in the ``lo·lo`` term bf16_3x leaves out anyway); at
     DEFAULT, ``hi``. The emulated update is the same to three digits (``tests``). (A
-    TPU's passes cost the 7x7/2 stem's cut, which multiplies both phases' rows, 0.57M of
-    the v5e step's estimated cycles at HIGHEST, 0.29M at HIGH.)
+    TPU's passes cost the 7x7/2 stem's cut of 16-column segments, which multiplies both
+    phases' rows, 0.57M of the v5e step's estimated cycles at HIGHEST, 0.29M at HIGH.)
     """
     channels, size1 = x.shape[-1], x.shape[2]
     m = channels * width
@@ -274,7 +274,7 @@ def gram_by_segments(
     m = channels * width
     segments = _cut(x, width, stride, count, s0, precision)
     plan = gram_by_shifts.shift_plan(k0, s0, window.dilation[0])
-    reach = max(offset for *_, offset in plan.values())
+    reach = gram_by_shifts.reach(plan)
     # offsets[o, (q, i), (p, j)] = Σ over rows r, segments and images of phase q's row
     # r + o, value i, times phase p's row r, value j: every offset of every pair of
     # phases in one convolution whose window is a whole phase (zeros past the last row).
@@ -332,7 +332,7 @@ def cost(
     count, m = out[1] // columns, channels * segment_width(columns, window)
     plan = gram_by_shifts.shift_plan(k0, s0, d0)
     length = -(-padded[0] // s0)
-    reach = max(offset for *_, offset in plan.values())
+    reach = gram_by_shifts.reach(plan)
 
     def rows_of(phase, partner, offset, start, stop):
         return max(_last_row(padded[0], s0, phase, partner, offset, stop) - start, 0)

@@ -44,6 +44,11 @@ def shift_plan(k0: int, s0: int, d0: int) -> ShiftPlan:
     return plan
 
 
+def reach(plan: ShiftPlan) -> int:
+    """The furthest offset between a block's rows and its partner's, in rows of a phase."""
+    return max(offset for *_, offset in plan.values())
+
+
 def offset_ranges(plan: ShiftPlan) -> dict[tuple[int, int], tuple[int, int]]:
     """The smallest and largest offset at which the plan's blocks use each pair of phases."""
     ranges: dict[tuple[int, int], tuple[int, int]] = {}
@@ -75,12 +80,12 @@ def gram_by_shifts(
         return jnp.zeros((k0 * m, k0 * m), x.dtype)
     plan = shift_plan(k0, s0, d0)
     length = -(-size0 // s0)  # rows per phase, padded with zero rows
-    reach = max(offset for *_, offset in plan.values())
+    extra = reach(plan)
     rows = rows.reshape(images, size0, -1, m)
-    rows = jnp.pad(rows, ((0, 0), (0, (length + reach) * s0 - size0), (0, 0), (0, 0)))
+    rows = jnp.pad(rows, ((0, 0), (0, (length + extra) * s0 - size0), (0, 0), (0, 0)))
     # (phase, row of the phase, images × positions, m)
-    phases = rows.reshape(images, length + reach, s0, -1, m).transpose(2, 1, 0, 3, 4)
-    phases = phases.reshape(s0, length + reach, -1, m)
+    phases = rows.reshape(images, length + extra, s0, -1, m).transpose(2, 1, 0, 3, 4)
+    phases = phases.reshape(s0, length + extra, -1, m)
 
     def rows_product(phase, partner_phase, offset, start, stop):
         """Σ over rows r in [start, stop) of phase rows r against partner rows r + offset."""
@@ -157,6 +162,6 @@ def bytes_held(padded: list[int], window: unfold.Window, channels: int, itemsize
     other axes, in phases."""
     out = window.out(padded)
     (k0, *k_rest), s0, d0 = window.kernel_size, window.strides[0], window.dilation[0]
-    reach = max(offset for *_, offset in shift_plan(k0, s0, d0).values())
+    extra = reach(shift_plan(k0, s0, d0))
     length = -(-padded[0] // s0)
-    return (length + reach) * s0 * math.prod(out[1:]) * math.prod(k_rest) * channels * itemsize
+    return (length + extra) * s0 * math.prod(out[1:]) * math.prod(k_rest) * channels * itemsize
