@@ -161,6 +161,7 @@ def test_each_plan_picks_what_its_platform_measured(plan, resnet50, cifar, preci
     video_method = statistics.chosen_method((8, 16, 64, 64, 3), video, plan=plan)
     assert video_method == ('patches' if plan is choice.GPU else 'shifts')
     assert plan.precision == precision
+    assert not plan.kernel  # no GPU has timed gram_by_kernel yet (gpu_check.sh kernel)
     assert choice.SEGMENT_LANES == 128
     # benchmarks.compiled on v5e: ViT-S/16's embedding (768) images-minor, ViT-Tiny/4's (48) not
     assert plan.images_minor_from == (128 if plan is choice.TPU else None)

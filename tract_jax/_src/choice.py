@@ -20,11 +20,12 @@ from typing import Any, Literal, NamedTuple
 
 import jax
 
-from tract_jax._src import gram, gram_by_segments, gram_by_shifts, unfold
+from tract_jax._src import gram, gram_by_kernel, gram_by_segments, gram_by_shifts, unfold
 
-GramMethod = Literal['auto', 'patches', 'shifts', 'segments']
+GramMethod = Literal['auto', 'patches', 'shifts', 'segments', 'kernel']
 """How a conv Gram is summed: over materialized patches, by shifts, from segments of
-image rows (2-D convolutions), or as the plan picks."""
+image rows (2-D convolutions), in one Pallas kernel that gathers the patches where they
+lie (2-D convolutions; compiled on GPUs, interpreted elsewhere), or as the plan picks."""
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -38,6 +39,9 @@ class Plan:
       shifts: whether ``'auto'`` may sum an overlapping conv's Gram by shifts.
       segments: whether ``'auto'`` sums an overlapping 2-D conv's Gram from segments
         of image rows where a segment fits ``SEGMENT_LANES`` (before shifts).
+      kernel: whether ``'auto'`` sums a 2-D conv's Gram in one Pallas kernel
+        (``gram_by_kernel.py``; before everything else). Compiled by Triton for a GPU;
+        another platform's plan that took it would run Pallas's interpreter.
       gram_block: columns per block from which a Gram of rows is summed in 3 to 8
         column blocks, the upper ones only; ``None`` for one product always.
       gram_bands: multiply those upper blocks a band (a block row) per product rather
@@ -57,6 +61,7 @@ class Plan:
     name: str
     shifts: bool
     segments: bool
+    kernel: bool
     gram_block: int | None
     gram_bands: bool
     precision: jax.lax.PrecisionLike
@@ -72,6 +77,7 @@ CPU = Plan(
     # a ResNet-50 stem's statistic (7x7/2, 224²) took 0.32x the patches' time.
     shifts=True,
     segments=False,  # lanes are a TPU's layout; not measured here
+    kernel=False,  # Pallas on CPU is its interpreter: for tests only
     # ViT-S/16's patch embedding (n = 768): 8.8 ms in 4 or 8 blocks vs 12.3 ms in one
     # product, alternated with the conv forward; 2 blocks gained nothing (11.2 ms). A
     # 588-column Gram (14x14x3 patches, 8,192 rows) in 3 blocks: 0.82x one product's time
@@ -102,6 +108,12 @@ GPU = Plan(
     # for the shifts (cuDNN) and +20.7% step FLOPs with them on ResNet-18.
     shifts=False,
     segments=False,  # not priced for a GPU
+    # One Pallas kernel (gram_by_kernel.py), compiled by Triton for sm_90a here (python -m
+    # benchmarks.compiled --targets h100 --plan-change kernel=true): for the ResNet-50
+    # stem 1.41x the least multiply-adds and 1.20x the least bytes (the patches: 1.99x
+    # and 25x), +19 thunks (18), counted from its formulation; never run on a GPU. Off
+    # until `bash benchmarks/gpu_check.sh kernel` has timed it against the patches.
+    kernel=False,
     gram_block=None,
     gram_bands=False,
     # HIGHEST is true float32 on GPU (DEFAULT and HIGH are TF32, 10-bit mantissas).
@@ -131,6 +143,9 @@ TPU = dataclasses.replace(
     # both phases in one 128-lane tile (gram_by_segments.segment_columns): 0.99M (+0.64%)
     # on v5e, 0.91M (+0.87%) on v6e, the better of the two on the worse chip.
     segments=True,
+    # gram_by_kernel.py is Triton's (GPUs); XLA:TPU's cost model writes no estimated
+    # cycles on a Pallas kernel, so a TPU one could not be priced here.
+    kernel=False,
     # Where segments do not apply (3-D stems), shifts: the ResNet-50 stem's statistic
     # alone took 16.7M estimated cycles and 5.8 GB by shifts, 25.9M and 15.3 GB by patches.
     shifts=True,
@@ -241,6 +256,17 @@ segments; both with each phase padded to whole rows, which later went); with the
 side by side, tiles of 128 gave 0.99M on v5e and 0.91M on v6e, segments of up to 128
 values a phase 1.52M and 0.54M."""
 
+KERNEL_PROGRAMS = 1024
+KERNEL_ROWS = 2048
+"""About how many programs of the Pallas kernel multiply a Gram's upper blocks
+(``gram_by_kernel.py``: 8 per streaming multiprocessor of an H100, which has 132), each
+over at least ``KERNEL_ROWS`` rows, so that the partial sum it writes (a block of
+16x16 or 32x32 floats) stays small next to the image it reads: chunks of one image of a
+ResNet-50 stem (12,544 rows), 2 of a CIFAR one (1,024), 32 of a CIFAR patch embedding
+(64). Not
+measured: no GPU has run the kernel yet (nor its blocks of 16 or 32 entries and 64 rows
+at a time, ``gram_by_kernel.block_size`` and ``ROWS``)."""
+
 CORRELATE_FROM = 32
 """Rows per phase from which the Gram by shifts correlates whole phases in one
 ``lax.conv``; shorter phases (a video stem's few frames) take one matmul per offset,
@@ -262,6 +288,7 @@ class GramCost(NamedTuple):
     patches: int
     shifts: int
     segments: int  # 0 where a segment cannot fit SEGMENT_LANES (or the conv is not 2-D)
+    kernel: int  # 0 where the conv is not 2-D
     patches_bytes: int
     shifts_bytes: int
     segments_bytes: int
@@ -275,6 +302,7 @@ class GramCost(NamedTuple):
             'patches': (self.patches, self.patches_bytes),
             'shifts': (self.shifts, self.shifts_bytes),
             'segments': (self.segments, self.segments_bytes),
+            'kernel': (self.kernel, 0),  # no patch is held: the kernel reads the image
         }[method]
 
 
@@ -300,6 +328,7 @@ def gram_cost(
         patches=math.prod(out) * n * n,
         shifts=gram_by_shifts.multiply_adds(padded, window, channels),
         segments=segments[0],
+        kernel=gram_by_kernel.multiply_adds(math.prod(out), n) if len(padded) == 2 else 0,
         patches_bytes=math.prod(out) * n * itemsize,
         shifts_bytes=gram_by_shifts.bytes_held(padded, window, channels, itemsize),
         segments_bytes=segments[1],
@@ -311,6 +340,8 @@ def gram_cost(
 
 def method(cost: GramCost, plan: Plan) -> str:
     """The formulation ``'auto'`` takes under ``plan`` for a conv of this cost."""
+    if plan.kernel and cost.kernel:
+        return 'kernel'
     if plan.segments and cost.segments and cost.overlap:
         return 'segments'
     shifts = (

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from tract_jax._src import (
     choice,
     gram,
+    gram_by_kernel,
     gram_by_segments,
     gram_by_shifts,
     internals,
@@ -157,7 +158,9 @@ def geometry_statistic(
     The Gram matrix is the patches' ``XᵀX`` (``method='patches'``), the same sum
     with the products that overlapping windows share computed once (``'shifts'``, see
     ``gram_by_shifts.py``), or, for a 2-D convolution, that sum over segments of image
-    rows that fill a TPU's lanes (``'segments'``, see ``gram_by_segments.py``);
+    rows that fill a TPU's lanes (``'segments'``, see ``gram_by_segments.py``), or,
+    for a 2-D convolution, in one Pallas kernel that never writes the patches
+    (``'kernel'``, see ``gram_by_kernel.py``; Pallas's interpreter off a GPU);
     ``'auto'`` takes what the plan picks for this geometry.
     When the working set of the whole batch would take more than ``max_chunk_bytes``
     (default: the plan's), the Gram matrix is summed over chunks of images, so that
@@ -232,13 +235,14 @@ class _Sum(NamedTuple):
     """How one platform sums a conv Gram for one batch shape (hashable: platforms whose
     sums agree share one branch of the step)."""
 
-    method: str  # 'patches', 'shifts' or 'segments'
+    method: str  # 'patches', 'shifts', 'segments' or 'kernel'
     parts: int  # column blocks of the patches' Gram (< 2: one product)
     bands: bool  # the upper blocks a band per product
     precision: jax.lax.PrecisionLike
     chunk: int  # images per chunk
     scan: bool  # chunks in a lax.scan rather than unrolled
     images_minor: bool  # the patches' rows position-major, images minor
+    interpret: bool  # a kernel in Pallas's interpreter (off a GPU)
 
 
 def _sum_for(
@@ -256,7 +260,8 @@ def _sum_for(
     parts, bands = choice.gram_blocks(cost.fan_in, plan) if method == 'patches' else (1, False)
     scan = plan.scan_chunks and chunk < batch
     minor = plan.images_minor_from is not None and cost.fan_in >= plan.images_minor_from
-    return _Sum(method, parts, bands, plan.precision, chunk, scan, minor)
+    interpret = method == 'kernel' and plan.name != choice.GPU.name
+    return _Sum(method, parts, bands, plan.precision, chunk, scan, minor, interpret)
 
 
 def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
@@ -279,6 +284,21 @@ def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
                 precision=how.precision,
             )
         x, zeros = _unpadded(images, geometry)  # segments need not write the zeros
+        if how.method == 'kernel':
+            if geometry.rank != 2:
+                raise ValueError(
+                    f"tract_jax: method='kernel' sums the Gram of 2-D convolutions; this "
+                    f'one has {geometry.rank} spatial dims. Use the default (auto).'
+                )
+            return gram_by_kernel.gram_by_kernel(
+                x,
+                window,
+                pads=zeros,
+                programs=choice.KERNEL_PROGRAMS,
+                rows=choice.KERNEL_ROWS,
+                precision=how.precision,
+                interpret=how.interpret,
+            )
         return gram_by_segments.gram_by_segments(
             x, window, lanes=choice.SEGMENT_LANES, precision=how.precision, pads=zeros
         )
