@@ -3,9 +3,10 @@
     python -m benchmarks.choices            # writes benchmarks/results/choices_<platform>.{md,json}
 
 ``choice.py`` picks, per platform, how a conv statistic's Gram is summed (over patches
-in one product, over patches in column blocks, by shifts or from segments of image
-rows), at which matmul precision, and which Cholesky factors the solve (the platform's
-native one, or the recursive one built from XLA operations). This script forces each
+in one product, over patches in column blocks, by shifts, from segments of image
+rows, or, on a GPU, in one Pallas kernel), at which matmul precision, and which
+Cholesky factors the solve (the platform's native one, or the recursive one built from
+XLA operations). This script forces each
 alternative on the first layers of the benchmark models (``benchmarks/micro.py``'s, at
 the accelerator batches of issue 19 on a GPU/TPU), times them in turn round after round
 (medians over rounds, ms), and checks each against a float64 NumPy reference on the
@@ -48,6 +49,8 @@ def statistic_variants(plan: choice.Plan) -> dict[str, tuple[str, choice.Plan]]:
         'shifts, HIGHEST': ('shifts', one),
         'segments, HIGHEST': ('segments', one),  # the TPU's 2-D stems; raises on 3-D ones
     }
+    if plan.name == choice.GPU.name:  # elsewhere Pallas's interpreter: not a choice
+        variants['kernel, HIGHEST'] = ('kernel', one)  # 2-D stems; raises on 3-D ones
     preset = FAST_PRESET.get(plan.name)
     if preset is not None:
         fast = dataclasses.replace(one, precision=preset)

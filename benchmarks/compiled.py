@@ -60,7 +60,7 @@ from jax.sharding import PartitionSpec as P
 
 from benchmarks import overhead
 from examples import steps
-from tract_jax._src import choice, gram, statistic, statistics, unfold
+from tract_jax._src import choice, gram, gram_by_kernel, statistic, statistics, unfold
 
 RESULTS = pathlib.Path(__file__).parent / 'results'
 SCOPES = (statistic.STATISTIC_SCOPE, statistic.SOLVE_SCOPE)
@@ -320,11 +320,16 @@ def statistic_work(model: str, batch: int, plan: choice.Plan) -> dict[str, Any]:
     work *= batch
     if method == 'patches':  # in the plan's column blocks, the upper ones only
         work = gram.multiply_adds(rows, n, choice.gram_blocks(n, plan)[0])
+    written = batch * held  # the rows (patches, shifted rows, segments)
+    if method == 'kernel':  # no rows: the programs' partial sums
+        written = gram_by_kernel.partials_bytes(
+            batch, cost.rows, n, choice.KERNEL_PROGRAMS, choice.KERNEL_ROWS
+        )
     return {
         'method': method,
         'multiply_adds': work,
         'least_multiply_adds': rows * n * (n + 1) // 2,
-        'bytes': read + 2 * batch * held + gram_bytes,  # the rows written once, read once
+        'bytes': read + 2 * written + gram_bytes,  # written once, read once
         'least_bytes': read + gram_bytes,
     }
 

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, each a step of its own; name the ones to run (default: all, in this order):
+#   kernel       the ResNet-50 and CIFAR ResNet-18 steps with the statistic in one Pallas
+#                kernel (benchmarks.overhead --plan-change kernel=true), next to plain:
+#                decides whether the GPU plan takes it (choices times it alone)
 #   segments     the ResNet-50 step with the GPU plan changed to segments, next to plain
 #                (benchmarks.overhead --plan-change segments=true): decides the GPU plan
 #   overhead     TrAct's cost per step next to torch_tract (benchmarks.overhead)
@@ -16,7 +19,7 @@
 #               run(command='bash benchmarks/gpu_check.sh segments', carry=['.whl'], timeout_s=560)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-all=(segments overhead first_layer choices suite)
+all=(kernel segments overhead first_layer choices suite)
 checks=("$@")
 [ ${#checks[@]} -gt 0 ] || checks=("${all[@]}")
 for check in "${checks[@]}"; do  # before any device time is spent
@@ -51,6 +54,9 @@ step() {  # step SECONDS NAME COMMAND...: run it, time it, log it
 
 for check in "${checks[@]}"; do
     case $check in
+        kernel) step 500 kernel python3 -m benchmarks.overhead \
+            --models resnet50_imagenet resnet18_cifar --pairs 20 --warmup 3 --no-torch \
+            --plan-change kernel=true --out "$work/kernel" ;;
         segments) step 500 segments python3 -m benchmarks.overhead --models resnet50_imagenet \
             --pairs 20 --warmup 3 --no-torch --plan-change segments=true --out "$work/segments" ;;
         overhead) step 500 overhead python3 -m benchmarks.overhead --pairs 20 --warmup 3 --out "$work" ;;
@@ -60,6 +66,8 @@ for check in "${checks[@]}"; do
     esac
 done
 
+[ -f "$work/kernel/overhead.md" ] && cp "$work/kernel/overhead.md" "$out/overhead_kernel.md"
+[ -f "$work/kernel/overhead.json" ] && cp "$work/kernel/overhead.json" "$out/overhead_kernel.json"
 [ -f "$work/segments/overhead.md" ] && cp "$work/segments/overhead.md" "$out/overhead_segments.md"
 [ -f "$work/segments/overhead.json" ] && cp "$work/segments/overhead.json" "$out/overhead_segments.json"
 for f in choices_gpu.md choices_gpu.json first_layer.json overhead.json overhead.md first_layer.md; do

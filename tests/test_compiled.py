@@ -75,3 +75,21 @@ def test_tpu_resnet_stem_statistic_reads_the_image_in_place(compiled):
     report = compiled.tpu_report(step.trace(*args).lower().compile())
     assert any('tract_statistic' in op['op_name'] for op in report['tract_ops'])
     assert report['tract_cycles'] <= 0.03 * report['cycles']
+
+
+def test_gpu_step_with_the_kernel_statistic_compiles_to_one_triton_kernel(compiled):
+    """The GPU plan with ``kernel=True`` (off by default until timed on a GPU): XLA:GPU
+    compiles the Pallas kernel through Triton for sm_90 and launches the statistic as
+    that one kernel, with no control flow; the patches are gone."""
+    from tract_jax._src import choice
+
+    target = compiled.TARGETS['h100']
+    small = compiled.dataclasses.replace(target, batches={'resnet18_cifar': 32})
+    with choice.changed('cuda', kernel=True):
+        row = compiled.compile_model(small, 'resnet18_cifar', compiled.sharding(target))
+    plain, tract = row['plain'], row['tract']
+    assert row['statistic']['method'] == 'kernel'
+    assert (tract['conditional'], tract['while']) == (plain['conditional'], plain['while'])
+    assert 0 < tract['thunks'] - plain['thunks'] <= 24
+    statistic = [t for t in tract['tract_thunks'] if t['kind'] == 'kCustomKernel']
+    assert any(t['name'].startswith('pallas_call') for t in statistic), statistic
