@@ -3,12 +3,12 @@
     python -m benchmarks.choices            # writes benchmarks/results/choices_<platform>.{md,json}
 
 ``choice.py`` picks, per platform, how a conv statistic's Gram is summed (over patches
-in one product, over patches in column blocks, by shifts, from segments of image
-rows, or, on a GPU, in one Pallas kernel), at which matmul precision, and which
-Cholesky factors the solve (the platform's native one, or the recursive one built from
-XLA operations). This script forces each
-alternative on the first layers of the benchmark models (``benchmarks/micro.py``'s, at
-the accelerator batches of issue 19 on a GPU/TPU), times them in turn round after round
+in one product, over patches in column blocks, by shifts, from segments of image rows,
+or, on a GPU, in one Pallas kernel), at which matmul precision, and which Cholesky
+factors the solve (the platform's native one, or the recursive one built from XLA
+operations). This script forces each alternative on the first layers of the benchmark
+models (``benchmarks/micro.py``'s, at the accelerator batches of issue 19 on a
+GPU/TPU), times them in turn round after round
 (medians over rounds, ms), and checks each against a float64 NumPy reference on the
 first images: a faster choice counts only where it is as accurate as the float32 tests
 require.
