@@ -54,7 +54,10 @@ def statistic_variants(plan: choice.Plan) -> dict[str, tuple[str, choice.Plan]]:
     preset = FAST_PRESET.get(plan.name)
     if preset is not None:
         fast = dataclasses.replace(one, precision=preset)
-        variants[f'patches, one product, {getattr(preset, "name", preset)}'] = ('patches', fast)
+        name = getattr(preset, 'name', preset)
+        variants[f'patches, one product, {name}'] = ('patches', fast)
+        if plan.name == choice.GPU.name:  # Triton's TF32x3: the tensor cores (mma)
+            variants[f'kernel, {name}'] = ('kernel', fast)
     return variants
 
 

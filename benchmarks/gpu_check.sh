@@ -3,6 +3,8 @@
 #   kernel       the ResNet-50 and CIFAR ResNet-18 steps with the statistic in one Pallas
 #                kernel (benchmarks.overhead --plan-change kernel=true), next to plain:
 #                decides whether the GPU plan takes it (choices times it alone)
+#   kernel_tf32  the same with the kernel's products in TF32x3 on the tensor cores
+#                (precision=tf32_tf32_f32_x3; HIGHEST is float32 FMAs; choices gives the error)
 #   segments     the ResNet-50 step with the GPU plan changed to segments, next to plain
 #                (benchmarks.overhead --plan-change segments=true): decides the GPU plan
 #   overhead     TrAct's cost per step next to torch_tract (benchmarks.overhead)
@@ -19,7 +21,7 @@
 #               run(command='bash benchmarks/gpu_check.sh segments', carry=['.whl'], timeout_s=560)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-all=(kernel segments overhead first_layer choices suite)
+all=(kernel kernel_tf32 segments overhead first_layer choices suite)
 checks=("$@")
 [ ${#checks[@]} -gt 0 ] || checks=("${all[@]}")
 for check in "${checks[@]}"; do  # before any device time is spent
@@ -57,6 +59,9 @@ for check in "${checks[@]}"; do
         kernel) step 500 kernel python3 -m benchmarks.overhead \
             --models resnet50_imagenet resnet18_cifar --pairs 20 --warmup 3 --no-torch \
             --plan-change kernel=true --out "$work/kernel" ;;
+        kernel_tf32) step 500 kernel_tf32 python3 -m benchmarks.overhead \
+            --models resnet50_imagenet resnet18_cifar --pairs 20 --warmup 3 --no-torch \
+            --plan-change kernel=true precision=tf32_tf32_f32_x3 --out "$work/kernel_tf32" ;;
         segments) step 500 segments python3 -m benchmarks.overhead --models resnet50_imagenet \
             --pairs 20 --warmup 3 --no-torch --plan-change segments=true --out "$work/segments" ;;
         overhead) step 500 overhead python3 -m benchmarks.overhead --pairs 20 --warmup 3 --out "$work" ;;
@@ -66,10 +71,11 @@ for check in "${checks[@]}"; do
     esac
 done
 
-[ -f "$work/kernel/overhead.md" ] && cp "$work/kernel/overhead.md" "$out/overhead_kernel.md"
-[ -f "$work/kernel/overhead.json" ] && cp "$work/kernel/overhead.json" "$out/overhead_kernel.json"
-[ -f "$work/segments/overhead.md" ] && cp "$work/segments/overhead.md" "$out/overhead_segments.md"
-[ -f "$work/segments/overhead.json" ] && cp "$work/segments/overhead.json" "$out/overhead_segments.json"
+for kind in kernel kernel_tf32 segments; do
+    for ext in md json; do
+        [ -f "$work/$kind/overhead.$ext" ] && cp "$work/$kind/overhead.$ext" "$out/overhead_$kind.$ext"
+    done
+done
 for f in choices_gpu.md choices_gpu.json first_layer.json overhead.json overhead.md first_layer.md; do
     [ -f "$work/$f" ] && cp "$work/$f" "$out/"
 done

@@ -77,7 +77,8 @@ def _summary(plain: list[float], tract: list[float]) -> dict[str, Any]:
 
 def plan_changes(pairs: list[str]) -> dict[str, Any]:
     """``FIELD=VALUE`` pairs as keywords for ``dataclasses.replace`` of a ``choice.Plan``:
-    ``true``/``false``, ``none``, integers, or a precision's name (``high``)."""
+    ``true``/``false``, ``none``, integers, or a precision's or dot algorithm preset's
+    name (``high``, ``tf32_tf32_f32_x3``)."""
     fields = [f.name for f in dataclasses.fields(choice.Plan) if f.name != 'name']
     changes = {}
     for pair in pairs:
@@ -91,6 +92,8 @@ def plan_changes(pairs: list[str]) -> dict[str, Any]:
             changes[name] = int(text)
         elif text.upper() in jax.lax.Precision.__members__:
             changes[name] = jax.lax.Precision[text.upper()]
+        elif text.upper() in jax.lax.DotAlgorithmPreset.__members__:
+            changes[name] = jax.lax.DotAlgorithmPreset[text.upper()]
         else:
             raise ValueError(f'--plan-change {pair!r}: {text!r} is no value a Plan field takes')
     return changes

@@ -50,6 +50,8 @@ def test_plan_changes_parse_every_kind_of_field_and_refuse_the_rest():
         'chunk_bytes': 1024,
         'precision': jax.lax.Precision.HIGH,
     }
+    preset = overhead.plan_changes(['kernel=true', 'precision=tf32_tf32_f32_x3'])
+    assert preset == {'kernel': True, 'precision': jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
     with pytest.raises(ValueError, match='a Plan field is one of'):
         overhead.plan_changes(['segment=true'])
     with pytest.raises(ValueError, match='no value a Plan field takes'):
