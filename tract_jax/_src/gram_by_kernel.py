@@ -116,16 +116,24 @@ def _kernel(
     first = pl.program_id(1) * per_chunk * positions
     stop = jnp.minimum(first + per_chunk * positions, images * positions)
 
-    def gather(block, image, y0, x0, row):
-        """``(ROWS, size)``: patch entries ``block`` of the rows at these positions."""
+    def columns(block):
+        """The parts of block ``block``'s patch entries ``(u, v, c)`` that do not change
+        from row to row (hoisted out of the loop): ``(d·u, d'·v, c, entry < n)``."""
         entry = block * size + jnp.arange(size)
         u, v, c = entry // (k1 * channels), entry // channels % k1, entry % channels
-        y = y0[:, None] + d0 * u[None, :]
-        x = x0[:, None] + d1 * v[None, :]
-        inside = row[:, None] & (entry < n) & (y >= 0) & (y < height) & (x >= 0) & (x < width)
+        return d0 * u, d1 * v, c, entry < n
+
+    def gather(cols, image, y0, x0, row):
+        """``(ROWS, size)``: a block's patch entries of the rows at these positions."""
+        dy, dx, c, real = cols
+        y = y0[:, None] + dy
+        x = x0[:, None] + dx
+        inside = row[:, None] & real & (y >= 0) & (y < height) & (x >= 0) & (x < width)
         flat = ((image[:, None] * height + y) * width + x) * channels + c
         flat = jnp.clip(flat, 0, images * height * width * channels - 1)
         return jnp.where(inside, x_ref[flat], 0)
+
+    left_columns, right_columns = columns(i), columns(j)
 
     def step(t, acc):
         position = first + t * ROWS + jnp.arange(ROWS)
@@ -133,8 +141,8 @@ def _kernel(
         y0 = rest // out[1] * s0 - lows[0]
         x0 = rest % out[1] * s1 - lows[1]
         row = position < stop
-        left = gather(i, image, y0, x0, row)
-        right = gather(j, image, y0, x0, row)
+        left = gather(left_columns, image, y0, x0, row)
+        right = gather(right_columns, image, y0, x0, row)
         dims = (((0,), (0,)), ((), ()))
         return acc + jax.lax.dot_general(
             left, right, dims, precision=precision, preferred_element_type=acc.dtype
