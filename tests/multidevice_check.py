@@ -22,6 +22,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tract_jax
+from tract_jax._src import choice
 
 # The mesh context: jax.set_mesh where it exists (jax 0.10), jax.sharding.use_mesh on 0.7.0.
 mesh_context = getattr(jax, 'set_mesh', None) or jax.sharding.use_mesh
@@ -58,6 +59,29 @@ def jit_over_mesh():
         },
     }
     check('jit, data x model mesh (4x2)', update(jax.device_put(params, shardings), xs, ys), want)
+
+
+def kernel_over_mesh():
+    """The statistic in the Pallas kernel (Pallas's interpreter here) under a batch sharded
+    by jit: each device sums its own images and the sums are added over the mesh
+    (gram_by_kernel's partitioning; without that sum the update is wrong). That the
+    compiled kernel then reads no gathered batch is test_compiled.py's, for H100s."""
+    model, params, x, y = problem('conv', 16)
+    want = reference(model, params, x, y)
+    tx = tract_jax.tract(0.1)
+
+    def update(params, x, y):
+        grads, stats = jax.grad(functools.partial(loss_and_stats, model), has_aux=True)(
+            params, x, y
+        )
+        return tx.update(grads, tx.init(params), params, tract_stats=stats)[0]
+
+    data = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+    xs = jax.device_put(x, NamedSharding(data, P('data')))
+    ys = jax.device_put(y, NamedSharding(data, P('data')))
+    with choice.changed('cpu', kernel=True):
+        got = jax.jit(update)(params, xs, ys)
+    check('jit, data mesh (8), Pallas kernel', got, want)
 
 
 def explicit_sharding():
@@ -147,6 +171,7 @@ def equinox_sharded_jit():
 if __name__ == '__main__':
     equinox_sharded_jit()
     jit_over_mesh()
+    kernel_over_mesh()
     explicit_sharding()
     shard_map_and_pmap('conv', 16)  # Gram statistics, summed
     shard_map_and_pmap('dense', 16)  # 2 rows per device, 16 global < n = 20: rows gathered

@@ -93,3 +93,33 @@ def test_gpu_step_with_the_kernel_statistic_compiles_to_one_triton_kernel(compil
     assert 0 < tract['thunks'] - plain['thunks'] <= 24
     statistic = [t for t in tract['tract_thunks'] if t['kind'] == 'kCustomKernel']
     assert any(t['name'].startswith('pallas_call') for t in statistic), statistic
+
+
+def test_the_kernel_splits_a_sharded_batch_across_h100s(compiled):
+    """Two H100s, the batch sharded by jit: each device's kernel sums its own 32 images
+    and the sums are all-reduced. Left to XLA, a Pallas call is not split: the images
+    were all-gathered and each device summed all 64 (before gram_by_kernel said how)."""
+    import numpy as np
+    from jax.experimental import topologies
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from tract_jax._src import choice, statistics
+
+    jax = compiled.jax
+    topology = topologies.get_topology_desc(
+        platform='cuda', topology='1x2x1', target_config=compiled.H100_SXM
+    )
+    mesh = jax.sharding.Mesh(np.array(topology.devices[:2]), ('data',))
+    images = jax.ShapeDtypeStruct(
+        (64, 224, 224, 3), np.float32, sharding=NamedSharding(mesh, PartitionSpec('data'))
+    )
+    stem = statistics.ConvGeometry((7, 7), 2, 3)
+    with choice.changed('cuda', kernel=True):
+        statistic = jax.jit(
+            lambda x: statistics.geometry_statistic(x, stem).gram,
+            out_shardings=NamedSharding(mesh, PartitionSpec()),
+        )
+        hlo = statistic.trace(images).lower().compile().as_text()
+    kernels = [line for line in hlo.splitlines() if 'custom-call' in line and 'triton' in line]
+    assert len(kernels) == 1 and 'f32[15,32,32,32]' in kernels[0]  # 15 blocks x 32 images
+    assert 'all-gather' not in hlo and 'all-reduce' in hlo

@@ -20,6 +20,7 @@ CHECKS = [
     'equinox, jit, data mesh (8)',
     'jit, data mesh (8)',
     'jit, data x model mesh (4x2)',
+    'jit, data mesh (8), Pallas kernel',
     'explicit sharding, conv stem, batch 16: statistics',
     'explicit sharding, dense stem, batch 16: statistics',
     'explicit sharding, dense stem, batch 32: statistics',
