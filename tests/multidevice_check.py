@@ -31,22 +31,35 @@ jax.config.update('jax_enable_x64', True)
 assert jax.device_count() == 8, jax.devices()
 
 
-def jit_over_mesh():
-    model, params, x, y = problem('conv', 16)
-    want = reference(model, params, x, y)
-    tx = tract_jax.tract(0.1)
+def jitted_update(model, tx):
+    """A jitted TrAct update of a fresh function: a step traced under a changed plan must
+    not find the trace of another in jax's caches (they are keyed by the function)."""
 
-    @jax.jit
     def update(params, x, y):
         grads, stats = jax.grad(functools.partial(loss_and_stats, model), has_aux=True)(
             params, x, y
         )
         return tx.update(grads, tx.init(params), params, tract_stats=stats)[0]
 
+    return jax.jit(update)
+
+
+def jit_over_mesh():
+    model, params, x, y = problem('conv', 16)
+    want = reference(model, params, x, y)
+    tx = tract_jax.tract(0.1)
+    update = jitted_update(model, tx)
     data = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
     xs = jax.device_put(x, NamedSharding(data, P('data')))
     ys = jax.device_put(y, NamedSharding(data, P('data')))
     check('jit, data mesh (8)', update(params, xs, ys), want)
+
+    # The statistic in the Pallas kernel (Pallas's interpreter here): each device sums
+    # its own images and the sums are added over the mesh (gram_by_kernel's partitioning;
+    # without that sum the update is wrong). That the compiled kernel reads no gathered
+    # batch is test_compiled.py's, for H100s.
+    with choice.changed('cpu', kernel=True):
+        check('jit, data mesh (8), Pallas kernel', jitted_update(model, tx)(params, xs, ys), want)
 
     mixed = jax.make_mesh((4, 2), ('data', 'model'), axis_types=(AxisType.Auto,) * 2)
     xs = jax.device_put(x, NamedSharding(mixed, P('data')))
@@ -58,30 +71,8 @@ def jit_over_mesh():
             'bias': NamedSharding(mixed, P('model')),
         },
     }
-    check('jit, data x model mesh (4x2)', update(jax.device_put(params, shardings), xs, ys), want)
-
-
-def kernel_over_mesh():
-    """The statistic in the Pallas kernel (Pallas's interpreter here) under a batch sharded
-    by jit: each device sums its own images and the sums are added over the mesh
-    (gram_by_kernel's partitioning; without that sum the update is wrong). That the
-    compiled kernel then reads no gathered batch is test_compiled.py's, for H100s."""
-    model, params, x, y = problem('conv', 16)
-    want = reference(model, params, x, y)
-    tx = tract_jax.tract(0.1)
-
-    def update(params, x, y):
-        grads, stats = jax.grad(functools.partial(loss_and_stats, model), has_aux=True)(
-            params, x, y
-        )
-        return tx.update(grads, tx.init(params), params, tract_stats=stats)[0]
-
-    data = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
-    xs = jax.device_put(x, NamedSharding(data, P('data')))
-    ys = jax.device_put(y, NamedSharding(data, P('data')))
-    with choice.changed('cpu', kernel=True):
-        got = jax.jit(update)(params, xs, ys)
-    check('jit, data mesh (8), Pallas kernel', got, want)
+    params = jax.device_put(params, shardings)
+    check('jit, data x model mesh (4x2)', update(params, xs, ys), want)
 
 
 def explicit_sharding():
@@ -171,7 +162,6 @@ def equinox_sharded_jit():
 if __name__ == '__main__':
     equinox_sharded_jit()
     jit_over_mesh()
-    kernel_over_mesh()
     explicit_sharding()
     shard_map_and_pmap('conv', 16)  # Gram statistics, summed
     shard_map_and_pmap('dense', 16)  # 2 rows per device, 16 global < n = 20: rows gathered
