@@ -128,3 +128,10 @@ CONV_CASES = [
     ((2, 2, 2), (1, 2, 1), 'SAME', (1, 1, 1), (1, 1, 1), (4, 5, 3)),
     ((3, 1, 2), (2, 1, 1), 'VALID', (1, 1, 1), (1, 1, 2), (6, 3, 5)),
 ]
+
+# The 2-D cases, and geometries the 2-D Grams (by segments, by kernel) are tested on too.
+CASES_2D = [case for case in CONV_CASES if len(case[0]) == 2] + [
+    ((7, 7), (2, 2), 3, (1, 1), (1, 1), (21, 40)),  # a ResNet stem's geometry
+    ((3, 5), (2, 3), 1, (1, 1), (1, 2), (12, 31)),
+    ((3, 3), (1, 1), 'VALID', (1, 2), (1, 1), (6, 11)),
+]

@@ -13,15 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import CONV_CASES, unfold
+from helpers import CASES_2D, unfold
 
 import tract_jax
 from tract_jax._src import choice, gram_by_kernel, statistics
 from tract_jax._src import unfold as unfold_module
 
-CASES_2D = [case for case in CONV_CASES if len(case[0]) == 2] + [
-    ((7, 7), (2, 2), 3, (1, 1), (1, 1), (21, 40)),  # a ResNet stem: 147 entries, 5 blocks
-    ((3, 5), (2, 3), 1, (1, 1), (1, 2), (12, 31)),
+CASES = [  # the ResNet stem among them: 147 entries in 5 blocks
+    *CASES_2D,
     ((2, 2), (1, 1), CROPPING := ((-1, 2), (1, -2)), (1, 1), (1, 1), (8, 9)),
 ]
 
@@ -35,7 +34,7 @@ def _patches(x, case):
 
 
 @pytest.mark.parametrize('programs, rows', [(1, 1), (3, 1), (1000, 1), (1000, 50)])
-@pytest.mark.parametrize('case', CASES_2D, ids=str)
+@pytest.mark.parametrize('case', CASES, ids=str)
 def test_the_kernel_gives_the_gram_of_unfolded_patches(case, programs, rows, x64):
     """One chunk, chunks that leave the last one short (3 images in 2), one image each,
     or as many as make ``rows`` rows."""

@@ -4,17 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CONV_CASES, cpu_only, unfold
+from helpers import CASES_2D, cpu_only, unfold
 
 from tract_jax._src import choice, gram_by_segments, statistics
 from tract_jax._src import unfold as unfold_module
 
 HIGHEST = jax.lax.Precision.HIGHEST
-CASES_2D = [case for case in CONV_CASES if len(case[0]) == 2] + [
-    ((7, 7), (2, 2), 3, (1, 1), (1, 1), (21, 40)),  # a ResNet stem's geometry
-    ((3, 5), (2, 3), 1, (1, 1), (1, 2), (12, 31)),
-    ((3, 3), (1, 1), 'VALID', (1, 2), (1, 1), (6, 11)),
-]
 
 
 def _gram(x, case, lanes):

@@ -285,11 +285,6 @@ def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
             )
         x, zeros = _unpadded(images, geometry)  # segments need not write the zeros
         if how.method == 'kernel':
-            if geometry.rank != 2:
-                raise ValueError(
-                    f"tract_jax: method='kernel' sums the Gram of 2-D convolutions; this "
-                    f'one has {geometry.rank} spatial dims. Use the default (auto).'
-                )
             return gram_by_kernel.gram_by_kernel(
                 x,
                 window,
