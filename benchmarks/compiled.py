@@ -21,8 +21,11 @@ reads what the compiler reports:
 
 - TPU (XLA:TPU in libtpu; v5e and v6e, one chip): the sum of the estimated cycles that
   XLA:TPU's cost model writes on every scheduled instruction, ``cost_analysis()``'s
-  flops and bytes accessed, ``memory_analysis()``'s temporary bytes, and the number of
-  ``while``/``conditional`` instructions;
+  flops and bytes accessed, ``memory_analysis()``'s temporary bytes, the number of
+  ``while``/``conditional`` instructions, and the *loop-fusion floor*: the fewest cycles
+  the model charges any loop fusion of the step (elementwise work, reductions; however
+  little it does), with the step's and TrAct's loop fusions priced at it (within 10%),
+  what the number of instructions costs apart from their work;
 - GPU (XLA:GPU in the CUDA plugin; an H100 SXM, sm_90): the thunk sequence XLA would
   launch (every kernel and library call), ``conditional``/``while`` thunks and
   temporary bytes (XLA:GPU gives no cost analysis without a device).
@@ -175,6 +178,7 @@ def abstract_step(model_name: str, batch: int, use_tract: bool, where: NamedShar
 
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%(\S+) = (.*?) ([\w-]+)\(')
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
+_KIND = re.compile(r'\bkind=(k\w+)')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _SHAPE = re.compile(r'\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|bf16|f16|f32|f64)\[([\d,]*)\]')
 _ITEMSIZE = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'bf16': 2, 'f16': 2}
@@ -198,6 +202,7 @@ class Instruction:
     cycles: int  # XLA:TPU's estimate; 0 where none is written
     op_name: str
     bytes: int  # of its result and operands, as written in the instruction
+    kind: str = ''  # a fusion's: kLoop (elementwise, reductions), kOutput (a product's), ...
 
     @property
     def tract(self) -> bool:
@@ -221,6 +226,7 @@ def instructions(hlo: str) -> list[Instruction]:
             continue
         cycles = _CYCLES.search(line)
         op_name = _OP_NAME.search(line)
+        kind = _KIND.search(line)
         operands = line[match.end() :].split(')')[0]
         found.append(
             Instruction(
@@ -229,9 +235,25 @@ def instructions(hlo: str) -> list[Instruction]:
                 int(cycles.group(1)) if cycles else 0,
                 op_name.group(1) if op_name else '',
                 results[name] + sum(results.get(o, 0) for o in re.findall(r'%([\w.-]+)', operands)),
+                kind.group(1) if kind and opcode == 'fusion' else '',
             )
         )
     return found
+
+
+def loop_floor(found: list[Instruction]) -> int:
+    """The fewest estimated cycles XLA:TPU's cost model charges any loop fusion
+    (elementwise work and reductions, ``kind=kLoop``) of the module: whatever the fusion
+    does, it pays about this much (v5e: 1,825, for a 109-byte reduction as for a 1 KB
+    multiply; v6e: 2,120; libtpu 0.0.42.1), where a product's fusion may cost 300. 0
+    where there is none."""
+    return min((i.cycles for i in found if i.kind == 'kLoop' and i.cycles > 0), default=0)
+
+
+def at_floor(found: list[Instruction], floor: int) -> list[Instruction]:
+    """The loop fusions priced at the floor (within 10% of it): each stands for the
+    cost model's price of one more loop fusion, not for its work."""
+    return [i for i in found if i.kind == 'kLoop' and 0 < i.cycles <= 1.1 * floor]
 
 
 def control_flow(found: list[Instruction]) -> dict[str, int]:
@@ -246,8 +268,15 @@ def tpu_report(compiled: Any) -> dict[str, Any]:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     tract = sorted((i for i in found if i.tract), key=lambda i: -i.cycles)
+    floor = loop_floor(found)
+    floored = at_floor(found, floor)
     return {
         'cycles': sum(i.cycles for i in found),
+        'loop_floor': floor,
+        'at_floor': len(floored),
+        'at_floor_cycles': sum(i.cycles for i in floored),
+        'tract_at_floor': sum(i.tract for i in floored),
+        'tract_at_floor_cycles': sum(i.cycles for i in floored if i.tract),
         'flops': float(cost.get('flops', np.nan)),
         'bytes': float(cost.get('bytes accessed', np.nan)),
         'temp_bytes': int(compiled.memory_analysis().temp_size_in_bytes),
@@ -353,6 +382,15 @@ def pct(tract: float, plain: float) -> float:
     return 100 * (tract - plain) / plain if plain else float('nan')
 
 
+def at_floor_cell(tract: dict[str, Any], plain_cycles: float) -> str:
+    """``N × floor = share`` of the plain step: TrAct's loop fusions priced at the
+    cost model's floor (reports written before it was read: '–')."""
+    if 'loop_floor' not in tract:
+        return '–'
+    share = 100 * tract['tract_at_floor_cycles'] / plain_cycles
+    return f'{tract["tract_at_floor"]} × {tract["loop_floor"]:,} = {share:.2f}%'
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """The markdown report: one table per platform, then TrAct's instructions per model."""
     out = []
@@ -361,8 +399,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     if tpu:
         out += [
             '| TPU | model | batch | est. cycles | bytes accessed | flops | temp | `while` | '
-            "TrAct's own cycles |",
-            '|---|---|---|---|---|---|---|---|---|',
+            "TrAct's own cycles | TrAct's at the floor "
+            '| loop fusions at the floor, plain → TrAct |',
+            '|---|---|---|---|---|---|---|---|---|---|---|',
         ]
         for r in tpu:
             p, t = r['plain'], r['tract']
@@ -372,7 +411,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
                 f'| {pct(t["flops"], p["flops"]):+.2f}% '
                 f'| {pct(t["temp_bytes"], p["temp_bytes"]):+.2f}% '
                 f'| {p["while"]} → {t["while"]} '
-                f'| {100 * t["tract_cycles"] / p["cycles"]:.2f}% |'
+                f'| {100 * t["tract_cycles"] / p["cycles"]:.2f}% '
+                f'| {at_floor_cell(t, p["cycles"])} '
+                f'| {p.get("at_floor", "–")} → {t.get("at_floor", "–")} |'
             )
     if gpu:
         out += [

@@ -132,6 +132,34 @@ def test_compiled_reads_instructions_cycles_and_tract_scopes():
     assert compiled.control_flow(list(found.values())) == {'while': 1, 'conditional': 0}
 
 
+def test_compiled_finds_the_price_of_a_loop_fusion_and_tracts_fusions_at_it():
+    def fusion(name, kind, cycles, scope):
+        return (
+            f'  %{name} = f32[27]{{0}} fusion(%x), kind={kind}, calls=%f, '
+            f'metadata={{op_name="jit(step)/{scope}/add"}}, '
+            f'backend_config={{"window_config":{{"estimated_cycles":"{cycles}"}}}}'
+        )
+
+    hlo = '\n'.join(
+        [
+            'ENTRY %main (x: f32[27]) -> f32[27] {',
+            '  %x = f32[27]{0} parameter(0)',
+            fusion('product', 'kOutput', 300, 'tract_solve'),  # a product's: below the floor
+            fusion('model', 'kLoop', 1825, 'stem'),
+            fusion('small', 'kLoop', 1900, 'tract_solve'),  # at the floor (within 10%)
+            fusion('large', 'kLoop', 9000, 'tract_statistic'),  # priced by its work
+            '}',
+        ]
+    )
+    found = compiled.instructions(hlo)
+    assert [i.kind for i in found] == ['', 'kOutput', 'kLoop', 'kLoop', 'kLoop']
+    assert compiled.loop_floor(found) == 1825
+    assert [i.name for i in compiled.at_floor(found, 1825)] == ['model', 'small']
+    report = {'loop_floor': 1825, 'tract_at_floor': 1, 'tract_at_floor_cycles': 1900}
+    assert compiled.at_floor_cell(report, 190_000) == '1 × 1,825 = 1.00%'
+    assert compiled.at_floor_cell({}, 190_000) == '–'
+
+
 def test_compiled_counts_the_statistics_multiply_adds_as_the_plan_sums_them():
     """ViT-S/16's 768-column Gram over 128 x 196 rows: one product the full square, the
     TPU's 3 bands of 256 the upper blocks (6 of 9), against the upper triangle."""
