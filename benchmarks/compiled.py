@@ -355,7 +355,7 @@ def statistic_work(model: str, batch: int, plan: choice.Plan) -> dict[str, Any]:
     written = batch * held  # the rows (patches, shifted rows, segments)
     if method == 'kernel':  # no rows: the programs' partial sums
         written = gram_by_kernel.partials_bytes(
-            batch, cost.rows, n, choice.KERNEL_PROGRAMS, choice.KERNEL_ROWS
+            batch, cost.rows, n, plan.kernel_programs, plan.kernel_rows
         )
     return {
         'method': method,

@@ -5,6 +5,9 @@
 #                decides whether the GPU plan takes it (choices times it alone)
 #   kernel_tf32  the same with the kernel's products in TF32x3 on the tensor cores
 #                (precision=tf32_tf32_f32_x3; HIGHEST is float32 FMAs; choices gives the error)
+#   kernel_wave  the ResNet-50 step with the kernel's grid in one wave (kernel_programs=480:
+#                chunks of two images; the plan's 960 programs are two waves by ptxas's
+#                registers), to set against the kernel check's ResNet-50 row
 #   segments     the ResNet-50 step with the GPU plan changed to segments, next to plain
 #                (benchmarks.overhead --plan-change segments=true): decides the GPU plan
 #   overhead     TrAct's cost per step next to torch_tract (benchmarks.overhead)
@@ -21,7 +24,7 @@
 #               run(command='bash benchmarks/gpu_check.sh segments', carry=['.whl'], timeout_s=560)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-all=(kernel kernel_tf32 segments overhead first_layer choices suite)
+all=(kernel kernel_tf32 kernel_wave segments overhead first_layer choices suite)
 checks=("$@")
 [ ${#checks[@]} -gt 0 ] || checks=("${all[@]}")
 for check in "${checks[@]}"; do  # before any device time is spent
@@ -62,6 +65,9 @@ for check in "${checks[@]}"; do
         kernel_tf32) step 500 kernel_tf32 python3 -m benchmarks.overhead \
             --models resnet50_imagenet resnet18_cifar --pairs 20 --warmup 3 --no-torch \
             --plan-change kernel=true precision=tf32_tf32_f32_x3 --out "$work/kernel_tf32" ;;
+        kernel_wave) step 500 kernel_wave python3 -m benchmarks.overhead \
+            --models resnet50_imagenet --pairs 20 --warmup 3 --no-torch \
+            --plan-change kernel=true kernel_programs=480 --out "$work/kernel_wave" ;;
         segments) step 500 segments python3 -m benchmarks.overhead --models resnet50_imagenet \
             --pairs 20 --warmup 3 --no-torch --plan-change segments=true --out "$work/segments" ;;
         overhead) step 500 overhead python3 -m benchmarks.overhead --pairs 20 --warmup 3 --out "$work" ;;
@@ -71,7 +77,7 @@ for check in "${checks[@]}"; do
     esac
 done
 
-for kind in kernel kernel_tf32 segments; do
+for kind in kernel kernel_tf32 kernel_wave segments; do
     for ext in md json; do
         [ -f "$work/$kind/overhead.$ext" ] && cp "$work/$kind/overhead.$ext" "$out/overhead_$kind.$ext"
     done

@@ -52,6 +52,8 @@ def test_plan_changes_parse_every_kind_of_field_and_refuse_the_rest():
     }
     preset = overhead.plan_changes(['kernel=true', 'precision=tf32_tf32_f32_x3'])
     assert preset == {'kernel': True, 'precision': jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
+    wave = overhead.plan_changes(['kernel=true', 'kernel_programs=480'])  # gpu_check kernel_wave
+    assert wave == {'kernel': True, 'kernel_programs': 480}
     with pytest.raises(ValueError, match='a Plan field is one of'):
         overhead.plan_changes(['segment=true'])
     with pytest.raises(ValueError, match='no value a Plan field takes'):

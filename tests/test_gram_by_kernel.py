@@ -115,8 +115,25 @@ def test_the_kernel_multiplies_the_upper_blocks_only():
     ],
 )
 def test_chunks_keep_programs_busy_and_partial_sums_small(images, positions, n, expected):
-    got = gram_by_kernel.chunks(images, positions, n, choice.KERNEL_PROGRAMS, choice.KERNEL_ROWS)
+    got = gram_by_kernel.chunks(
+        images, positions, n, choice.GPU.kernel_programs, choice.GPU.kernel_rows
+    )
     assert got == expected
+
+
+def test_the_plan_sizes_the_kernels_grid():
+    """``kernel_programs`` and ``kernel_rows`` reach the kernel from the plan (so that
+    ``--plan-change kernel_programs=480`` times ResNet-50's grid in one wave), and only the
+    kernel: the other methods' sums stay alike, so plans that differ there share a branch."""
+    shape, geometry = (64, 224, 224, 3), statistics.ConvGeometry((7, 7), 2, 3)
+    cost = statistics.gram_cost(shape, geometry)
+    wave = dataclasses.replace(choice.GPU, kernel=True, kernel_programs=480, kernel_rows=4096)
+    how = statistics._sum_for(wave, cost, 64, 'auto', None)
+    assert (how.method, how.programs, how.rows) == ('kernel', 480, 4096)
+    assert gram_by_kernel.chunks(64, 112 * 112, 147, how.programs, how.rows) == (32, 2)
+    patches = statistics._sum_for(wave, cost, 64, 'patches', None)
+    assert patches == statistics._sum_for(choice.GPU, cost, 64, 'patches', None)
+    assert (patches.programs, patches.rows) == (0, 0)
 
 
 def test_a_training_step_with_the_kernel_takes_the_patches_step():

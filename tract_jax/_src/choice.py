@@ -56,6 +56,11 @@ class Plan:
       images_minor_from: the fan-in from which the patches' rows run position-major,
         images minor, so that their Gram contracts over the images last
         (``unfold.conv_rows``); ``None`` for image-major rows always.
+      kernel_programs: about how many programs of the Pallas kernel multiply a Gram's
+        upper blocks (``gram_by_kernel.chunks``: the batch is cut into chunks of whole
+        images for them).
+      kernel_rows: the fewest rows (output positions) a kernel program multiplies, so
+        that the partial sum it writes stays small next to what it reads.
     """
 
     name: str
@@ -69,6 +74,8 @@ class Plan:
     scan_chunks: bool
     native_cholesky: bool
     images_minor_from: int | None
+    kernel_programs: int
+    kernel_rows: int
 
 
 CPU = Plan(
@@ -97,6 +104,8 @@ CPU = Plan(
     # ViT-S/16's patches + Gram (32 images, 4 blocks): 1.16x the time with the images
     # minor (41.4 vs 35.6 ms, one alternated run of 15 pairs).
     images_minor_from=None,
+    kernel_programs=1024,  # the kernel is the interpreter here: the GPU's, for tests
+    kernel_rows=2048,
 )
 
 GPU = Plan(
@@ -126,6 +135,19 @@ GPU = Plan(
     scan_chunks=False,
     native_cholesky=True,  # cuSOLVER potrf; breakdown is NaN on the device, no sync.
     images_minor_from=None,  # row-major arrays: the same transpose either way; not measured
+    # 8 programs per streaming multiprocessor of an H100 (132), each over at least 2,048
+    # rows, so that the partial sum it writes (a block of 16x16 or 32x32 floats) stays
+    # small next to the image it reads: chunks of one image of a ResNet-50 stem (12,544
+    # rows), 2 of a CIFAR one (1,024), 32 of a CIFAR patch embedding (64). Not measured:
+    # no GPU has run the kernel yet (nor its blocks of 16 or 32 entries and 64 rows at a
+    # time, gram_by_kernel.block_size and ROWS). What ptxas says of the compiled kernel
+    # (sm_90a, 128 threads a program, no spills): 72 registers a thread at HIGHEST, so at
+    # most 7 programs an SM (924 on an H100) at once, and ResNet-50's 960 programs at
+    # batch 64 take two waves, the second of 36; 126 at TF32x3 (4 an SM, 528: 528 + 432).
+    # Below 960 its chunks hold two images (480 programs, one wave): a timing should
+    # compare the two (--plan-change kernel_programs=480).
+    kernel_programs=1024,
+    kernel_rows=2048,
 )
 
 TPU = dataclasses.replace(
@@ -255,17 +277,6 @@ instructions at 2.75M estimated cycles, up to 256 at 4.09M (larger tiles, fewer
 segments; both with each phase padded to whole rows, which later went); with the phases
 side by side, tiles of 128 gave 0.99M on v5e and 0.91M on v6e, segments of up to 128
 values a phase 1.52M and 0.54M."""
-
-KERNEL_PROGRAMS = 1024
-KERNEL_ROWS = 2048
-"""About how many programs of the Pallas kernel multiply a Gram's upper blocks
-(``gram_by_kernel.py``: 8 per streaming multiprocessor of an H100, which has 132), each
-over at least ``KERNEL_ROWS`` rows, so that the partial sum it writes (a block of
-16x16 or 32x32 floats) stays small next to the image it reads: chunks of one image of a
-ResNet-50 stem (12,544 rows), 2 of a CIFAR one (1,024), 32 of a CIFAR patch embedding
-(64). Not
-measured: no GPU has run the kernel yet (nor its blocks of 16 or 32 entries and 64 rows
-at a time, ``gram_by_kernel.block_size`` and ``ROWS``)."""
 
 CORRELATE_FROM = 32
 """Rows per phase from which the Gram by shifts correlates whole phases in one

@@ -243,6 +243,8 @@ class _Sum(NamedTuple):
     scan: bool  # chunks in a lax.scan rather than unrolled
     images_minor: bool  # the patches' rows position-major, images minor
     interpret: bool  # a kernel in Pallas's interpreter (off a GPU)
+    programs: int  # about how many kernel programs (0 for other methods)
+    rows: int  # the fewest rows a kernel program multiplies (0 for other methods)
 
 
 def _sum_for(
@@ -260,8 +262,10 @@ def _sum_for(
     parts, bands = choice.gram_blocks(cost.fan_in, plan) if method == 'patches' else (1, False)
     scan = plan.scan_chunks and chunk < batch
     minor = plan.images_minor_from is not None and cost.fan_in >= plan.images_minor_from
-    interpret = method == 'kernel' and plan.name != choice.GPU.name
-    return _Sum(method, parts, bands, plan.precision, chunk, scan, minor, interpret)
+    kernel = method == 'kernel'
+    interpret = kernel and plan.name != choice.GPU.name
+    programs, rows = (plan.kernel_programs, plan.kernel_rows) if kernel else (0, 0)
+    return _Sum(method, parts, bands, plan.precision, chunk, scan, minor, interpret, programs, rows)
 
 
 def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
@@ -289,8 +293,8 @@ def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
                 x,
                 window,
                 pads=zeros,
-                programs=choice.KERNEL_PROGRAMS,
-                rows=choice.KERNEL_ROWS,
+                programs=how.programs,
+                rows=how.rows,
                 precision=how.precision,
                 interpret=how.interpret,
             )
