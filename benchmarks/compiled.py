@@ -387,9 +387,7 @@ def pct(tract: float, plain: float) -> float:
 
 def at_floor_cell(tract: dict[str, Any], plain_cycles: float) -> str:
     """``N × floor = share`` of the plain step: TrAct's loop fusions priced at the
-    cost model's floor (reports written before it was read: '–')."""
-    if 'loop_floor' not in tract:
-        return '–'
+    cost model's floor."""
     share = 100 * tract['tract_at_floor_cycles'] / plain_cycles
     return f'{tract["tract_at_floor"]} × {tract["loop_floor"]:,} = {share:.2f}%'
 
@@ -416,7 +414,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
                 f'| {p["while"]} → {t["while"]} '
                 f'| {100 * t["tract_cycles"] / p["cycles"]:.2f}% '
                 f'| {at_floor_cell(t, p["cycles"])} '
-                f'| {p.get("at_floor", "–")} → {t.get("at_floor", "–")} |'
+                f'| {p["at_floor"]} → {t["at_floor"]} |'
             )
     if gpu:
         out += [

@@ -159,7 +159,6 @@ def test_compiled_finds_the_price_of_a_loop_fusion_and_tracts_fusions_at_it():
     assert [i.name for i in compiled.at_floor(found, 1825)] == ['model', 'small']
     report = {'loop_floor': 1825, 'tract_at_floor': 1, 'tract_at_floor_cycles': 1900}
     assert compiled.at_floor_cell(report, 190_000) == '1 × 1,825 = 1.00%'
-    assert compiled.at_floor_cell({}, 190_000) == '–'
 
 
 def test_compiled_counts_the_statistics_multiply_adds_as_the_plan_sums_them():
