@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks, each a step of its own; name the ones to run (default: all, in this order):
-#   kernel       the ResNet-50 and CIFAR ResNet-18 steps with the statistic in one Pallas
-#                kernel (benchmarks.overhead --plan-change kernel=true), next to plain:
+#   kernel       the Pallas kernel compiled by Triton against float64 NumPy (its GPU tests
+#                in tests/test_gram_by_kernel.py; on a failure nothing is timed), then the
+#                ResNet-50 and CIFAR ResNet-18 steps with the statistic in it
+#                (benchmarks.overhead --plan-change kernel=true), next to plain:
 #                decides whether the GPU plan takes it (choices times it alone)
-#   kernel_tf32  the same with the kernel's products in TF32x3 on the tensor cores
+#   kernel_tf32  the same (tests first) with the kernel's products in TF32x3 on the tensor cores
 #                (precision=tf32_tf32_f32_x3; HIGHEST is float32 FMAs; choices gives the error)
 #   kernel_wave  the ResNet-50 step with the kernel's grid in one wave (kernel_programs=480:
 #                chunks of two images; the plan's 960 programs are two waves by ptxas's
@@ -42,13 +44,15 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # the suite's workers share the GPU
 
-step() {  # step SECONDS NAME COMMAND...: run it, time it, log it
+step() {  # step SECONDS NAME COMMAND...: run it, time it, log it; its exit status
     local limit=$1 name=$2
     shift 2
     echo "== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$log"
-    local start=$SECONDS
+    local start=$SECONDS status
     timeout "$limit" "$@" >>"$log" 2>&1
-    echo "== $name: exit $? after $((SECONDS - start)) s" | tee -a "$log"
+    status=$?
+    echo "== $name: exit $status after $((SECONDS - start)) s" | tee -a "$log"
+    return "$status"
 }
 
 {
@@ -57,12 +61,22 @@ step() {  # step SECONDS NAME COMMAND...: run it, time it, log it
     python3 -c 'import torch, torch_tract; print("torch", torch.__version__, torch.cuda.get_device_name())' || echo 'no torch_tract: tract_jax only'
 } >>"$log" 2>&1
 
+# The kernel compiled by Triton, against float64 NumPy, before it is timed (the suite
+# runs it interpreted elsewhere): a kernel check whose tests fail times nothing.
+kernel_tests() {  # kernel_tests NAME PYTEST-K
+    step 240 "$1" python3 -m pytest -q -n 4 -p no:cacheprovider -o addopts='' \
+        tests/test_gram_by_kernel.py -k "$2" ||
+        { echo "== $1 failed: the kernel is not timed" | tee -a "$log"; return 1; }
+}
+
 for check in "${checks[@]}"; do
     case $check in
-        kernel) step 500 kernel python3 -m benchmarks.overhead \
+        kernel) kernel_tests kernel_tests 'triton_compiles and highest or gpu_plan_with' &&
+            step 500 kernel python3 -m benchmarks.overhead \
             --models resnet50_imagenet resnet18_cifar --pairs 20 --warmup 3 --no-torch \
             --plan-change kernel=true --out "$work/kernel" ;;
-        kernel_tf32) step 500 kernel_tf32 python3 -m benchmarks.overhead \
+        kernel_tf32) kernel_tests kernel_tf32_tests 'triton_compiles and tf32x3' &&
+            step 500 kernel_tf32 python3 -m benchmarks.overhead \
             --models resnet50_imagenet resnet18_cifar --pairs 20 --warmup 3 --no-torch \
             --plan-change kernel=true precision=tf32_tf32_f32_x3 --out "$work/kernel_tf32" ;;
         kernel_wave) step 500 kernel_wave python3 -m benchmarks.overhead \

@@ -12,6 +12,13 @@ cpu_only = pytest.mark.skipif(
 """For tests of what XLA:CPU compiles (its cost counts, its ops); other platforms' steps
 are checked by exporting them (test_export.py), and measured by benchmarks/gpu_check.sh."""
 
+gpu_only = pytest.mark.skipif(
+    jax.default_backend() != 'gpu', reason='runs what Triton compiles for a GPU (none here)'
+)
+"""For tests of what only a GPU runs (the Pallas kernel compiled by Triton); on these
+CPU-only machines they skip, and ``bash benchmarks/gpu_check.sh kernel`` runs them first
+on a lent GPU, before it times the kernel."""
+
 
 def same_pads(size, k, stride):
     """lax's 'SAME' padding of one spatial dim (input already dilated)."""

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import CASES_2D, unfold
+from helpers import CASES_2D, gpu_only, unfold
 
 import tract_jax
 from tract_jax._src import choice, gram_by_kernel, statistics
@@ -52,6 +52,87 @@ def test_the_kernel_gives_the_gram_of_unfolded_patches(case, programs, rows, x64
     )
     patches = _patches(x, case)
     np.testing.assert_allclose(got, patches.T @ patches, rtol=1e-12, atol=1e-12)
+
+
+REAL_STEMS = {  # what the GPU plan would run the kernel on
+    'resnet50': (statistics.ConvGeometry((7, 7), 2, 3), (4, 224, 224, 3)),
+    'resnet18_cifar': (statistics.ConvGeometry((3, 3), 1, 'SAME'), (64, 32, 32, 3)),
+    'vit4_cifar': (statistics.ConvGeometry((4, 4), 4, 'VALID'), (64, 32, 32, 3)),
+}
+PRECISIONS = pytest.mark.parametrize(
+    'precision',
+    ['highest', jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3],
+    ids=['highest', 'tf32x3'],
+)
+
+
+def _compiled_kernel_gram(x, geometry, precision, programs, rows):
+    """The kernel's Gram of float32 images ``x``, compiled by Triton, as float64."""
+    images, zeros = statistics._unpadded(x, geometry)
+    run = jax.jit(
+        lambda images: gram_by_kernel.gram_by_kernel(
+            images,
+            unfold_module.Window.of(geometry),
+            pads=zeros,
+            programs=programs,
+            rows=rows,
+            precision=precision,
+            interpret=False,
+        )
+    )
+    return np.asarray(run(images), np.float64)
+
+
+def _assert_close(got, want):
+    """Within 1e-5 of the largest entry: float32 sums; a wrong gather or mask is off by
+    an entry's order."""
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@gpu_only
+@PRECISIONS
+def test_the_kernel_triton_compiles_gives_the_gram_of_unfolded_patches(precision):
+    """On a GPU, compiled (not interpreted), float32 against float64 NumPy: every
+    geometry above, in one chunk and in chunks of one image."""
+    for number, case in enumerate(CASES):
+        x = jax.random.normal(jax.random.key(number), (3, *case[-1], 2)) + 0.5
+        patches = np.asarray(_patches(x, case), np.float64)
+        for programs in (1, 1000):
+            got = _compiled_kernel_gram(
+                x, statistics.ConvGeometry(*case[:-1]), precision, programs, 1
+            )
+            _assert_close(got, patches.T @ patches)
+
+
+@gpu_only
+@PRECISIONS
+@pytest.mark.parametrize('stem', REAL_STEMS)
+def test_the_kernel_triton_compiles_gives_a_stems_gram(stem, precision):
+    """Whole stems, compiled: at the plan's grid (ResNet-50: a chunk an image; CIFAR: 32
+    chunks of 2 images, or 2 of 32 for the patch embedding), in two chunks and in one."""
+    geometry, shape = REAL_STEMS[stem]
+    x = jax.random.normal(jax.random.key(0), shape) + 0.5
+    # The library's unfolding: slices, exact copies (checked against the loops above).
+    patches = np.asarray(unfold_module.conv_rows(x, geometry), np.float64)
+    pairs = gram_by_kernel.upper_blocks(patches.shape[1])
+    grids = [(choice.GPU.kernel_programs, choice.GPU.kernel_rows), (2 * pairs, 1), (1, 1)]
+    for programs, rows in grids:
+        got = _compiled_kernel_gram(x, geometry, precision, programs, rows)
+        _assert_close(got, patches.T @ patches)
+
+
+@gpu_only
+def test_the_gpu_plan_with_the_kernel_gives_the_patches_statistic():
+    """The statistic as the layers call it, jitted, on the GPU plan changed to take the
+    kernel (compiled by Triton), against the GPU plan's own (patches)."""
+    x = jax.random.uniform(jax.random.key(0), (16, 64, 64, 3)) * 255
+    geometry = statistics.ConvGeometry((7, 7), 2, 3)
+    with choice.changed('cuda', kernel=True) as plan:
+        assert statistics.chosen_method(x.shape, geometry, plan=plan) == 'kernel'
+        by_kernel = jax.jit(lambda x: statistics.geometry_statistic(x, geometry))(x)
+    by_patches = jax.jit(lambda x: statistics.geometry_statistic(x, geometry))(x)
+    _assert_close(np.asarray(by_kernel.gram), np.asarray(by_patches.gram, np.float64))
+    assert by_kernel.count == by_patches.count
 
 
 def test_a_batch_past_int32_indices_is_summed_in_parts(monkeypatch, x64):
