@@ -99,6 +99,28 @@ def test_gpu_step_with_the_kernel_statistic_compiles_to_one_triton_kernel(compil
     assert any(t['name'].startswith('pallas_call') for t in statistic), statistic
 
 
+def test_the_kernels_the_gpu_only_tests_run_compile_for_an_h100(compiled):
+    """Every kernel tests/test_gram_by_kernel.py runs on a GPU (geometries, grids, HIGHEST
+    and TF32x3) compiles through Triton for sm_90 here, so that a lent GPU's device time
+    goes to its numbers, not to a kernel that does not compile."""
+    import numpy as np
+    import test_gram_by_kernel as kernel_tests
+
+    jax = compiled.jax
+    where = compiled.sharding(compiled.TARGETS['h100'])
+    count = 0
+    for precision in kernel_tests.TRITON_PRECISIONS:
+        for geometry, shape, grids in kernel_tests.triton_cases():
+            unpadded = kernel_tests.statistics._unpadded(np.zeros(shape, np.float32), geometry)
+            images = jax.ShapeDtypeStruct(unpadded[0].shape, np.float32, sharding=where)
+            for grid in grids:
+                kernel = kernel_tests.triton_kernel(geometry, shape, precision, *grid)
+                hlo = kernel.trace(images).lower(lowering_platforms=('cuda',)).compile().as_text()
+                assert 'xla.gpu.triton' in hlo, (geometry, shape, grid, precision)
+                count += 1
+    assert count == 2 * (2 * len(kernel_tests.CASES) + 3 * len(kernel_tests.REAL_STEMS))
+
+
 def test_the_kernel_splits_a_sharded_batch_across_h100s(compiled):
     """Two H100s, the batch sharded by jit: each device's kernel sums its own 32 images
     and the sums are all-reduced. Left to XLA, a Pallas call is not split: the images

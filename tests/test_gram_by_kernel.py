@@ -5,6 +5,7 @@ compiles for an H100, one kernel and no control flow, is tests/test_compiled.py'
 """
 
 import dataclasses
+import math
 
 import chex
 import flax.linen as nn
@@ -59,66 +60,60 @@ REAL_STEMS = {  # what the GPU plan would run the kernel on
     'resnet18_cifar': (statistics.ConvGeometry((3, 3), 1, 'SAME'), (64, 32, 32, 3)),
     'vit4_cifar': (statistics.ConvGeometry((4, 4), 4, 'VALID'), (64, 32, 32, 3)),
 }
-PRECISIONS = pytest.mark.parametrize(
-    'precision',
-    ['highest', jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3],
-    ids=['highest', 'tf32x3'],
-)
+TRITON_PRECISIONS = {'highest': 'highest', 'tf32x3': jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
 
 
-def _compiled_kernel_gram(x, geometry, precision, programs, rows):
-    """The kernel's Gram of float32 images ``x``, compiled by Triton, as float64."""
-    images, zeros = statistics._unpadded(x, geometry)
-    run = jax.jit(
+def triton_cases():
+    """``(geometry, images' shape, grids)`` on which the GPU-only tests run the kernel as
+    Triton compiles it, ``grids`` its ``(programs, rows)``: every geometry above in one
+    chunk and in chunks of one image; whole stems at the plan's grid (ResNet-50: a chunk
+    an image; CIFAR: 32 chunks of 2 images, or 2 of 32 for the patch embedding), in two
+    chunks and in one. ``tests/test_compiled.py`` compiles each for an H100 here."""
+    for case in CASES:
+        yield statistics.ConvGeometry(*case[:-1]), (3, *case[-1], 2), [(1, 1), (1000, 1)]
+    plan = (choice.GPU.kernel_programs, choice.GPU.kernel_rows)
+    for geometry, shape in REAL_STEMS.values():
+        pairs = gram_by_kernel.upper_blocks(math.prod(geometry.kernel_size) * shape[-1])
+        yield geometry, shape, [plan, (2 * pairs, 1), (1, 1)]
+
+
+def triton_kernel(geometry, shape, precision, programs, rows):
+    """The kernel on images of ``shape`` (padded) as Triton compiles it: a jitted function
+    of the images less their zero padding (``statistics._unpadded``) to their Gram."""
+    zeros = statistics._unpadded(jnp.zeros(shape), geometry)[1]
+    return jax.jit(
         lambda images: gram_by_kernel.gram_by_kernel(
             images,
             unfold_module.Window.of(geometry),
             pads=zeros,
             programs=programs,
             rows=rows,
-            precision=precision,
+            precision=TRITON_PRECISIONS[precision],
             interpret=False,
         )
     )
-    return np.asarray(run(images), np.float64)
 
 
-def _assert_close(got, want):
+def _assert_close(got, want, **kwargs):
     """Within 1e-5 of the largest entry: float32 sums; a wrong gather or mask is off by
     an entry's order."""
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max(), **kwargs)
 
 
 @gpu_only
-@PRECISIONS
-def test_the_kernel_triton_compiles_gives_the_gram_of_unfolded_patches(precision):
-    """On a GPU, compiled (not interpreted), float32 against float64 NumPy: every
-    geometry above, in one chunk and in chunks of one image."""
-    for number, case in enumerate(CASES):
-        x = jax.random.normal(jax.random.key(number), (3, *case[-1], 2)) + 0.5
-        patches = np.asarray(_patches(x, case), np.float64)
-        for programs in (1, 1000):
-            got = _compiled_kernel_gram(
-                x, statistics.ConvGeometry(*case[:-1]), precision, programs, 1
-            )
-            _assert_close(got, patches.T @ patches)
-
-
-@gpu_only
-@PRECISIONS
-@pytest.mark.parametrize('stem', REAL_STEMS)
-def test_the_kernel_triton_compiles_gives_a_stems_gram(stem, precision):
-    """Whole stems, compiled: at the plan's grid (ResNet-50: a chunk an image; CIFAR: 32
-    chunks of 2 images, or 2 of 32 for the patch embedding), in two chunks and in one."""
-    geometry, shape = REAL_STEMS[stem]
-    x = jax.random.normal(jax.random.key(0), shape) + 0.5
-    # The library's unfolding: slices, exact copies (checked against the loops above).
-    patches = np.asarray(unfold_module.conv_rows(x, geometry), np.float64)
-    pairs = gram_by_kernel.upper_blocks(patches.shape[1])
-    grids = [(choice.GPU.kernel_programs, choice.GPU.kernel_rows), (2 * pairs, 1), (1, 1)]
-    for programs, rows in grids:
-        got = _compiled_kernel_gram(x, geometry, precision, programs, rows)
-        _assert_close(got, patches.T @ patches)
+@pytest.mark.parametrize('precision', TRITON_PRECISIONS)
+def test_the_kernel_triton_compiles_gives_the_gram_of_the_patches(precision):
+    """On a GPU, compiled (not interpreted), float32 against float64 NumPy, every case
+    of :func:`triton_cases`."""
+    for number, (geometry, shape, grids) in enumerate(triton_cases()):
+        x = jax.random.normal(jax.random.key(number), shape) + 0.5
+        # The library's unfolding: slices, exact copies (checked against loops above).
+        patches = np.asarray(unfold_module.conv_rows(x, geometry), np.float64)
+        images = statistics._unpadded(x, geometry)[0]
+        for grid in grids:
+            got = triton_kernel(geometry, shape, precision, *grid)(images)
+            message = f'{geometry}, images {shape}, (programs, rows) {grid}'
+            _assert_close(np.asarray(got, np.float64), patches.T @ patches, err_msg=message)
 
 
 @gpu_only
