@@ -107,7 +107,7 @@ def test_the_kernel_triton_compiles_gives_the_gram_of_the_patches(precision):
     of :func:`triton_cases`."""
     for number, (geometry, shape, grids) in enumerate(triton_cases()):
         x = jax.random.normal(jax.random.key(number), shape) + 0.5
-        # The library's unfolding: slices, exact copies (checked against loops above).
+        # The library's unfolding: slices, exact copies (tests/test_unfold.py checks it).
         patches = np.asarray(unfold_module.conv_rows(x, geometry), np.float64)
         images = statistics._unpadded(x, geometry)[0]
         for grid in grids:
