@@ -111,11 +111,10 @@ def test_the_kernels_the_gpu_only_tests_run_compile_for_an_h100(compiled):
     count = 0
     for precision in kernel_tests.TRITON_PRECISIONS:
         for geometry, shape, grids in kernel_tests.triton_cases():
-            unpadded = kernel_tests.statistics._unpadded(np.zeros(shape, np.float32), geometry)
-            images = jax.ShapeDtypeStruct(unpadded[0].shape, np.float32, sharding=where)
+            x = jax.ShapeDtypeStruct(shape, np.float32, sharding=where)
             for grid in grids:
-                kernel = kernel_tests.triton_kernel(geometry, shape, precision, *grid)
-                hlo = kernel.trace(images).lower(lowering_platforms=('cuda',)).compile().as_text()
+                kernel = kernel_tests.triton_kernel(geometry, precision, *grid)
+                hlo = kernel.trace(x).lower(lowering_platforms=('cuda',)).compile().as_text()
                 assert 'xla.gpu.triton' in hlo, (geometry, shape, grid, precision)
                 count += 1
     assert count == 2 * (2 * len(kernel_tests.CASES) + 3 * len(kernel_tests.REAL_STEMS))

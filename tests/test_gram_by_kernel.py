@@ -77,12 +77,14 @@ def triton_cases():
         yield geometry, shape, [plan, (2 * pairs, 1), (1, 1)]
 
 
-def triton_kernel(geometry, shape, precision, programs, rows):
-    """The kernel on images of ``shape`` (padded) as Triton compiles it: a jitted function
-    of the images less their zero padding (``statistics._unpadded``) to their Gram."""
-    zeros = statistics._unpadded(jnp.zeros(shape), geometry)[1]
-    return jax.jit(
-        lambda images: gram_by_kernel.gram_by_kernel(
+def triton_kernel(geometry, precision, programs, rows):
+    """The kernel as Triton compiles it: a jitted function of a conv's input to its Gram,
+    the input's zero padding left to the kernel as the layers leave it
+    (``statistics._unpadded``)."""
+
+    def gram(x):
+        images, zeros = statistics._unpadded(x, geometry)
+        return gram_by_kernel.gram_by_kernel(
             images,
             unfold_module.Window.of(geometry),
             pads=zeros,
@@ -91,7 +93,8 @@ def triton_kernel(geometry, shape, precision, programs, rows):
             precision=TRITON_PRECISIONS[precision],
             interpret=False,
         )
-    )
+
+    return jax.jit(gram)
 
 
 def _assert_close(got, want, **kwargs):
@@ -109,9 +112,8 @@ def test_the_kernel_triton_compiles_gives_the_gram_of_the_patches(precision):
         x = jax.random.normal(jax.random.key(number), shape) + 0.5
         # The library's unfolding: slices, exact copies (tests/test_unfold.py checks it).
         patches = np.asarray(unfold_module.conv_rows(x, geometry), np.float64)
-        images = statistics._unpadded(x, geometry)[0]
         for grid in grids:
-            got = triton_kernel(geometry, shape, precision, *grid)(images)
+            got = triton_kernel(geometry, precision, *grid)(x)
             message = f'{geometry}, images {shape}, (programs, rows) {grid}'
             _assert_close(np.asarray(got, np.float64), patches.T @ patches, err_msg=message)
 
