@@ -2,7 +2,7 @@
 
     python examples/distributed.py                  # here: 8 simulated CPU devices
     python examples/distributed.py --steps 200
-    python examples/distributed.py --processes 2    # 2 processes on localhost, 2 CPUs each
+    python examples/distributed.py --processes 2    # 2 processes on localhost, a CPU each
 
 The same code runs on a GPU/TPU pod: start one process per host with
 ``jax.distributed.initialize()`` (done below when JAX_COORDINATOR_ADDRESS or a
@@ -16,22 +16,20 @@ No ``axis_name`` is needed with ``jax.jit``; under ``shard_map``/``pmap`` pass
 ``tract(lam, axis_name='data')`` instead.
 
 ``--processes N`` shows a multi-host run on this machine: it starts itself N times
-on localhost, each process with 2 simulated CPU devices and gloo's CPU collectives,
-joined by ``jax.distributed.initialize(coordinator, N, process_id)``; every process
-prints its losses, which agree.
+on localhost (``examples/launch.py``), each process with one CPU device and gloo's CPU
+collectives, joined by ``jax.distributed.initialize(coordinator, N, process_id)``;
+every process prints its losses, which agree. A CPU demo: with more than one CPU device
+a process gloo deadlocks now and then, so the launcher gives each process one, makes a
+collective that waits over a minute an error, and stops the job at ``--deadline``.
 """
 
 import argparse
 import os
-import socket
-import subprocess
 import sys
 
-if '--process-id' in sys.argv:  # one of the --processes N started below
-    os.environ['XLA_FLAGS'] = (
-        os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=2'
-    )
-elif 'JAX_COORDINATOR_ADDRESS' not in os.environ and '--real-devices' not in sys.argv:
+if not {'--process-id', '--real-devices'} & set(sys.argv) and (
+    'JAX_COORDINATOR_ADDRESS' not in os.environ
+):  # a process of --processes N has its flags from the launcher
     os.environ['XLA_FLAGS'] = (
         os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
     )
@@ -43,7 +41,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from examples import data, models, steps
+from examples import data, launch, models, steps
 
 LAUNCHED = '--process-id' in sys.argv
 
@@ -54,20 +52,19 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def launch(processes: int, argv: list[str]) -> int:
-    """Runs this script ``processes`` times on localhost, as one job; their exit code."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        coordinator = f'127.0.0.1:{s.getsockname()[1]}'
-    env = dict(os.environ, JAX_PLATFORMS='cpu')
-    children = [
-        subprocess.Popen(
-            [sys.executable, __file__, *argv, '--coordinator', coordinator, '--process-id', str(i)],
-            env=env,
-        )
-        for i in range(processes)
-    ]
-    return max(abs(child.wait()) for child in children)
+def start(processes: int, argv: list[str], deadline_s: float) -> int:
+    """Runs this script ``processes`` times on localhost, as one job; its exit code."""
+    address = launch.coordinator()
+
+    def command(i: int) -> list[str]:
+        return [sys.executable, __file__, *argv, '--coordinator', address, '--process-id', str(i)]
+
+    try:
+        launch.run(command, processes, deadline_s=deadline_s, capture=False)
+    except launch.JobFailed as failed:
+        print(f'error: {failed}', file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv=None):
@@ -77,15 +74,19 @@ def main(argv=None):
     parser.add_argument('--lam', type=float, default=0.1)
     parser.add_argument('--real-devices', action='store_true', help='do not simulate 8 CPUs')
     parser.add_argument(
-        '--processes', type=int, default=1, help='processes on localhost, 2 CPU devices each'
+        '--processes', type=int, default=1, help='processes on localhost, a CPU device each'
+    )
+    parser.add_argument(
+        '--deadline', type=float, default=600, help='seconds a --processes job may take'
     )
     parser.add_argument('--coordinator', help=argparse.SUPPRESS)
     parser.add_argument('--process-id', type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.processes > 1 and not LAUNCHED:
-        sys.exit(launch(args.processes, sys.argv[1:] if argv is None else argv))
+        sys.exit(start(args.processes, sys.argv[1:] if argv is None else argv, args.deadline))
     if LAUNCHED:
+        launch.fail_fast()  # an error ends this process, and so the job, at once
         jax.config.update('jax_cpu_collectives_implementation', 'gloo')
         jax.distributed.initialize(args.coordinator, args.processes, args.process_id)
     elif 'JAX_COORDINATOR_ADDRESS' in os.environ:
