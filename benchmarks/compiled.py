@@ -244,6 +244,50 @@ def instructions(hlo: str) -> list[Instruction]:
     return found
 
 
+COLLECTIVES = ('all-gather', 'all-reduce', 'all-to-all', 'collective-permute', 'reduce-scatter')
+"""What devices send each other; a statistic should need one all-reduce, no gather."""
+
+
+@dataclasses.dataclass
+class Collective:
+    """One collective of an optimized module: its kind, the bytes it delivers to each
+    device (its result; a gather's gathered array), and whether TrAct's code sent it."""
+
+    kind: str
+    bytes: int
+    tract: bool
+
+
+def collectives(hlo: str) -> list[Collective]:
+    """Every collective of an optimized module, an asynchronous one once (its start;
+    of a start's tuple result, the largest array: what it delivers)."""
+    found = []
+    for line in hlo.splitlines():
+        match = _INSTRUCTION.match(line)
+        if not match:
+            continue
+        _, result, opcode = match.groups()
+        kind = opcode.removesuffix('-start')
+        if kind not in COLLECTIVES:
+            continue
+        sizes = [shape_bytes(f'{dtype}[{dims}]') for dtype, dims in _SHAPE.findall(result)]
+        op_name = _OP_NAME.search(line)
+        tract = any(scope in (op_name.group(1) if op_name else '') for scope in SCOPES)
+        found.append(Collective(kind, max(sizes, default=0), tract))
+    return found
+
+
+def collective_bytes(found: list[Collective], tract: bool) -> dict[str, list[int]]:
+    """``kind: [count, bytes]`` of TrAct's collectives (``tract``) or the others."""
+    out: dict[str, list[int]] = {}
+    for c in found:
+        if c.tract == tract:
+            count = out.setdefault(c.kind, [0, 0])
+            count[0] += 1
+            count[1] += c.bytes
+    return out
+
+
 def loop_floor(found: list[Instruction]) -> int:
     """The fewest estimated cycles XLA:TPU's cost model charges any loop fusion
     (elementwise work and reductions, ``kind=kLoop``) of the module: whatever the fusion

@@ -12,6 +12,8 @@ os.environ['XLA_FLAGS'] = (
 ).strip()
 
 import functools
+import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tract_jax
-from tract_jax._src import choice
+from benchmarks import compiled
+from tract_jax._src import choice, statistics
 
 # The mesh context: jax.set_mesh where it exists (jax 0.10), jax.sharding.use_mesh on 0.7.0.
 mesh_context = getattr(jax, 'set_mesh', None) or jax.sharding.use_mesh
@@ -122,6 +125,67 @@ def shard_map_and_pmap(stem, batch):
     check(f'pmap, {stem} stem, {batch // 8} per device', jax.tree.map(lambda a: a[0], got), want)
 
 
+SMALL_STEMS = {  # float64 values: every plan and method, sharded against one device
+    '3x3/1': ((16, 12, 12, 3), statistics.ConvGeometry((3, 3), 1, 1)),
+    '7x7/2': ((16, 20, 20, 3), statistics.ConvGeometry((7, 7), 2, 3)),
+    '4x4/4': ((16, 16, 16, 3), statistics.ConvGeometry((4, 4), 4, 'VALID')),
+    '3x3x3/1x2x2': ((8, 4, 10, 10, 3), statistics.ConvGeometry((3, 3, 3), (1, 2, 2), 'SAME')),
+}
+REAL_STEMS = {  # compiled only: what the partitioner moves between devices
+    'ResNet-50': ((16, 224, 224, 3), statistics.ConvGeometry((7, 7), 2, 3)),
+    'ViT-B/16': ((16, 224, 224, 3), statistics.ConvGeometry((16, 16), 16, 'VALID')),
+    'CIFAR': ((16, 32, 32, 3), statistics.ConvGeometry((3, 3), 1, 1)),
+    'video': ((8, 16, 112, 112, 3), statistics.ConvGeometry((3, 7, 7), (1, 2, 2), 'SAME')),
+}
+PLANS = {'cpu': choice.CPU, 'gpu': choice.GPU, 'tpu': choice.TPU}
+
+
+def statistic_of(geometry, plan, method='auto', max_chunk_bytes=None):
+    def gram(images):
+        stat = statistics.geometry_statistic(
+            images, geometry, plan=plan, method=method, max_chunk_bytes=max_chunk_bytes
+        )
+        return stat.gram
+
+    return gram
+
+
+def plans_sum_where_the_images_lie():
+    """Every plan, forced, with the batch sharded: the statistic is the one-device one
+    (float64; by patches, shifts and segments, in one chunk and in chunks of one image,
+    over one mesh axis and two), and it is summed where the images lie: compiled for
+    8 devices, TrAct's code sends one all-reduce of the Gram and gathers nothing."""
+    data = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
+    two = jax.make_mesh((4, 2), ('data', 'fsdp'), axis_types=(AxisType.Auto,) * 2)
+    rng = np.random.default_rng(0)
+    for name, (shape, geometry) in SMALL_STEMS.items():
+        images = jnp.asarray(rng.normal(size=shape) + 0.5)
+        methods = ['patches', 'shifts'] + ['segments'] * (len(shape) == 4)
+        for plan, method in itertools.product(PLANS.values(), methods):
+            want = jax.jit(statistic_of(geometry, plan, method))(images)
+            for mesh, spec, chunk in ((data, P('data'), None), (two, P(('data', 'fsdp')), 1)):
+                got = jax.jit(statistic_of(geometry, plan, method, chunk))(
+                    jax.device_put(images, NamedSharding(mesh, spec))
+                )
+                np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10)
+        print(f'ok every plan sharded, {name}: statistics', flush=True)
+
+    for name, (shape, geometry) in REAL_STEMS.items():
+        images = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(data, P('data')))
+        n = math.prod(geometry.kernel_size) * shape[-1]
+        for plan_name, plan in PLANS.items():
+            hlo = (
+                jax.jit(statistic_of(geometry, plan), out_shardings=NamedSharding(data, P()))
+                .lower(images)
+                .compile()
+                .as_text()
+            )
+            sent = compiled.collective_bytes(compiled.collectives(hlo), tract=True)
+            assert set(sent) == {'all-reduce'}, (name, plan_name, sent)
+            assert sent['all-reduce'][1] <= 4 * n * n + 64, (name, plan_name, sent)
+        print(f'ok every plan, 8 devices, {name}: one all-reduce, no gather', flush=True)
+
+
 def equinox_sharded_jit():
     """Equinox: the statistic rides in the gradient, which a sharded jit reduces globally."""
     import equinox as eqx
@@ -160,6 +224,7 @@ def equinox_sharded_jit():
 
 
 if __name__ == '__main__':
+    plans_sum_where_the_images_lie()
     equinox_sharded_jit()
     jit_over_mesh()
     explicit_sharding()

@@ -125,6 +125,40 @@ TPU_HLO = '\n'.join(
 )
 
 
+COLLECTIVE_HLO = '\n'.join(
+    [
+        'ENTRY %main (x: f32[2,27]) -> f32[27,27] {',
+        '  %x = f32[2,27]{1,0} parameter(0)',
+        f'  %ag = (f32[2,27]{{1,0}}, f32[16,27]{{1,0}}) all-gather-start(%x), {SCOPE}',
+        f'  %agd = f32[16,27]{{1,0}} all-gather-done(%ag), {SCOPE}',
+        f'  %ar = f32[27,27]{{1,0}} all-reduce(%d), to_apply=%add, {SCOPE}',
+        '  %g = f32[64,10]{1,0} all-reduce-start(%h), to_apply=%add, '
+        'metadata={op_name="jit(step)/transpose(jvp(head))/dot_general"}',
+        '  %cp = bf16[4,8]{1,0} collective-permute(%y), source_target_pairs={{0,1}}',
+        '}',
+    ]
+)
+
+
+def test_compiled_reads_collectives_their_bytes_and_who_sent_them():
+    """A gather counts what it delivers (the larger array of a start's tuple), once."""
+    found = compiled.collectives(COLLECTIVE_HLO)
+    assert [(c.kind, c.bytes, c.tract) for c in found] == [
+        ('all-gather', 16 * 27 * 4, True),
+        ('all-reduce', 27 * 27 * 4, True),
+        ('all-reduce', 64 * 10 * 4, False),
+        ('collective-permute', 4 * 8 * 2, False),
+    ]
+    assert compiled.collective_bytes(found, tract=True) == {
+        'all-gather': [1, 16 * 27 * 4],
+        'all-reduce': [1, 27 * 27 * 4],
+    }
+    assert compiled.collective_bytes(found, tract=False) == {
+        'all-reduce': [1, 64 * 10 * 4],
+        'collective-permute': [1, 64],
+    }
+
+
 def test_compiled_reads_instructions_cycles_and_tract_scopes():
     found = {i.name: i for i in compiled.instructions(TPU_HLO)}
     assert set(found) == {'x', 'copy.3', 'fusion.7', 'w'}  # not the fusion's body

@@ -18,6 +18,12 @@ from examples import launch
 
 HERE = pathlib.Path(__file__).parent
 CHECKS = [
+    *(f'every plan sharded, {stem}: statistics' for stem in ('3x3/1', '7x7/2', '4x4/4')),
+    'every plan sharded, 3x3x3/1x2x2: statistics',
+    *(
+        f'every plan, 8 devices, {stem}: one all-reduce, no gather'
+        for stem in ('ResNet-50', 'ViT-B/16', 'CIFAR', 'video')
+    ),
     'equinox, jit, data mesh (8)',
     'jit, data mesh (8)',
     'jit, data x model mesh (4x2)',
