@@ -24,12 +24,15 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.custom_partitioning import custom_partitioning
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import NamedSharding, PartitionSpec
 
 from tract_jax._src import unfold
 
@@ -212,7 +215,7 @@ def gram_by_kernel(
         )
     n = math.prod(window.kernel_size) * channels
     pads = tuple(tuple(pad) for pad in pads)
-    sums = _kernel_sums(x, window, pads, programs, rows, precision, interpret)
+    sums = _upper_sums(x, window, pads, programs, rows, precision, interpret)
     return _assemble(sums, blocks(n))[:n, :n]
 
 
@@ -250,6 +253,40 @@ def _kernel_sums(
         name='tract_gram',
     )(x.reshape(-1))
     return parts.sum(1)
+
+
+# XLA cannot split a custom call across devices: left alone, a batch sharded by jit
+# would be gathered whole onto every device, each summing the whole Gram. So the call
+# says how it splits: each device sums its own images, the sums added over the mesh
+# axes the batch is sharded on (any other dim of the images replicated first).
+_upper_sums = custom_partitioning(_kernel_sums, static_argnums=(1, 2, 3, 4, 5, 6))
+
+
+def _replicated(*args: Any) -> NamedSharding:
+    """The sums' sharding, whatever the images': on every device, whole."""
+    mesh = args[-3]  # (static args..., mesh, operand shapes, result shape)
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _by_images(*args: Any) -> tuple[Any, ...]:
+    """``(mesh, per-device computation, sums' sharding, images' sharding)``: the images
+    split along the batch as they come, every other dim whole."""
+    *static, mesh, operands, _ = args
+    spec = getattr(operands[0].sharding, 'spec', ())
+    batch = spec[0] if len(spec) else None
+    axes = () if batch is None else batch if isinstance(batch, tuple) else (batch,)
+
+    def lower(x: jax.Array) -> jax.Array:
+        sums = _kernel_sums(x, *static)
+        return jax.lax.psum(sums, axes) if axes else sums
+
+    images = NamedSharding(mesh, PartitionSpec(batch))
+    return mesh, lower, NamedSharding(mesh, PartitionSpec()), (images,)
+
+
+_upper_sums.def_partition(
+    _by_images, infer_sharding_from_operands=_replicated, sharding_rule='b h w c -> p i j'
+)
 
 
 def _assemble(upper: jax.Array, k: int) -> jax.Array:

@@ -10,7 +10,6 @@ comes out replicated, the compiler summing the per-device parts.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -24,7 +23,6 @@ from tract_jax._src import (
     gram_by_segments,
     gram_by_shifts,
     internals,
-    per_device,
     statistic,
     unfold,
 )
@@ -184,8 +182,7 @@ def geometry_statistic(
 
         def run(how: _Sum, images: jax.Array) -> Statistic:
             count = jnp.asarray(images.shape[0] * cost.rows, images.dtype)
-            gram_of = functools.partial(_gram, how, geometry)
-            return statistic.GramStatistic(per_device.sum_over_images(gram_of, images), count)
+            return statistic.GramStatistic(_gram(how, geometry, images), count)
 
         if plan is None:
             return choice.per_platform(decide, run, images)
