@@ -84,6 +84,26 @@ def test_chunked_statistic_equals_one_shot(padding, batch, budget_images, method
     assert chunked.count == one_shot.count
 
 
+@pytest.mark.parametrize(
+    'batch, split, most, chunk',
+    [
+        (64, 1, 64, 64),  # fits: one chunk
+        (100, 1, 30, 25),  # 4 chunks of 25, not 30, 30, 30 and 10
+        (16, 8, 1, 8),  # 8 devices, 2 images each: 2 chunks of one image a device
+        (512, 8, 20, 128),  # 64 images a device, 20 at a time: 4 chunks of 16 a device
+        (127, 1, 30, 30),  # a prime batch: chunks of 30, the last padded, not 127 of one
+    ],
+)
+def test_chunks_split_alike_on_every_device(batch, split, most, chunk):
+    """A chunk holds the same number of images of each device's share of the batch (so
+    that jit keeps the batch split, each device summing its own), at most ``most``."""
+    got = statistics._chunk(batch, split, most)
+    assert got == chunk
+    if batch % got == 0:
+        assert (batch // split) % (batch // got) == 0  # chunks divide each device's share
+    assert got // split <= most or got == batch // split
+
+
 def test_chunking_bounds_the_memory_of_the_statistic():
     """XLA's memory analysis: the chunked statistic never holds all patches at once."""
     x = jax.ShapeDtypeStruct((32, 112, 112, 3), jnp.float32)

@@ -21,7 +21,7 @@ CHECKS = [
     *(f'every plan sharded, {stem}: statistics' for stem in ('3x3/1', '7x7/2', '4x4/4')),
     'every plan sharded, 3x3x3/1x2x2: statistics',
     *(
-        f'every plan, 8 devices, {stem}: one all-reduce, no gather'
+        f'every plan, 8 devices, {stem}: all-reduces, no gather'
         for stem in ('ResNet-50', 'ViT-B/16', 'CIFAR', 'video')
     ),
     'equinox, jit, data mesh (8)',

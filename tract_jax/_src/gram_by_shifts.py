@@ -64,12 +64,15 @@ def gram_by_shifts(
     *,
     correlate_from: int,
     precision: jax.lax.PrecisionLike,
+    keep_images: bool = False,
 ) -> jax.Array:
     """``XᵀX`` of the patches of the padded input ``x``, each shared product once.
 
     Phases of at least ``correlate_from`` rows are correlated whole in one
     ``lax.conv`` per pair of phases; shorter ones (a video stem's few frames) take one
-    matmul per phase, partner and offset.
+    matmul per phase, partner and offset. With ``keep_images`` (a batch that may lie
+    split over devices) those products contract over rows and images without merging
+    them, so that the batch stays split (``gram.rows_product``).
     """
     (k0, *k_rest), (s0, *s_rest), (d0, *d_rest) = window
     rows = unfold.patches(x, unfold.Window((1, *k_rest), (1, *s_rest), (1, *d_rest)))
@@ -89,9 +92,11 @@ def gram_by_shifts(
 
     def rows_product(phase, partner_phase, offset, start, stop):
         """Σ over rows r in [start, stop) of phase rows r against partner rows r + offset."""
-        a = phases[phase, start:stop].reshape(-1, m)
-        b = phases[partner_phase, start + offset : stop + offset].reshape(-1, m)
-        return jnp.matmul(a.T, b, precision=precision)
+        a = phases[phase, start:stop]
+        b = phases[partner_phase, start + offset : stop + offset]
+        if not keep_images:
+            a, b = a.reshape(-1, m), b.reshape(-1, m)
+        return gram.rows_product(a, b, precision)
 
     full: dict[tuple[int, int, int], jax.Array] = {}
     if length >= correlate_from:
