@@ -18,9 +18,11 @@ No ``axis_name`` is needed with ``jax.jit``; under ``shard_map``/``pmap`` pass
 ``--processes N`` shows a multi-host run on this machine: it starts itself N times
 on localhost (``examples/launch.py``), each process with one CPU device and gloo's CPU
 collectives, joined by ``jax.distributed.initialize(coordinator, N, process_id)``;
-every process prints its losses, which agree. A CPU demo: with more than one CPU device
-a process gloo deadlocks now and then, so the launcher gives each process one, makes a
-collective that waits over a minute an error, and stops the job at ``--deadline``.
+every process prints its losses, which agree. A CPU demo (real hosts use NCCL or the
+TPU interconnect): XLA:CPU's collectives between several CPU devices of a process
+deadlock now and then when two steps are in flight, so on CPU devices each step is
+waited for, the launcher gives each process one device, makes a collective that waits
+over a minute an error, and stops the job at ``--deadline``.
 """
 
 import argparse
@@ -119,11 +121,17 @@ def main(argv=None):
     opt_state = replicated(tx.init(variables['params']))
     step = steps.make_train_step(model, tx, use_tract=True)
 
+    # XLA:CPU's collectives between a process's CPU devices deadlock now and then when
+    # two steps are in flight at once (async dispatch): wait for each step there. GPUs and
+    # TPUs keep their steps queued.
+    one_at_a_time = jax.devices()[0].platform == 'cpu' and jax.local_device_count() > 1
     rng = np.random.default_rng(0)  # the same global batches in every process
     for i in range(args.steps):
         idx = rng.choice(len(train.images), args.batch, replace=False)
         x, y = own_rows(train.images[idx]), own_rows(train.labels[idx])
         params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state, x, y)
+        if one_at_a_time:
+            jax.block_until_ready(loss)
         if i == 0:
             say(f'{prefix}first loss {float(loss):.4f}')
     say(f'{prefix}last loss {float(loss):.4f}')

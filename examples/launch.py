@@ -5,10 +5,12 @@ the coordinator's address and its id on its command line, and the CPU collective
 between processes run over gloo. Two things make that reliable here:
 
 - **One CPU device per process** (``devices=1``). With two or more simulated devices
-  in a process, gloo's collectives deadlock now and then: a two-process job of jitted
-  sums over a sharded batch hung in 4 of 4 runs with 2 devices a process and finished
-  in 3 of 3 with one (jax 0.10.2; openxla/xla#16430 reports a crash in that setting).
-  A job that needs more devices starts more processes.
+  in a process, XLA:CPU's collectives deadlock now and then when two executions of a
+  step are in flight at once (async dispatch): a two-process job of jitted sums over a
+  sharded batch hung in 4 of 4 runs with 2 devices a process and finished in 3 of 3
+  with one, or with 2 devices and each sum waited for (jax 0.10.2; openxla/xla#16430
+  reports a crash in that setting). A job that needs more devices starts more
+  processes; ``examples/distributed.py`` also waits for each step on CPU devices.
 - **A hang is an error.** Every process runs with XLA's CPU collective timeout
   (``COLLECTIVE_TIMEOUT_S``), so a collective that waits longer fails with gloo's
   message; the launcher gives the whole job a deadline, kills every process once one
@@ -98,8 +100,8 @@ def _cause(output: str) -> str:
     if 'Gloo' in output or 'gloo' in output:
         return (
             ' A CPU collective (gloo) failed: one that waits longer than the collective '
-            'timeout for the other processes fails, and with more than one CPU device a '
-            'process gloo deadlocks now and then.'
+            'timeout for the other processes fails; with more than one CPU device a '
+            'process and steps in flight at once, they deadlock now and then.'
         )
     return ''
 
@@ -175,8 +177,8 @@ def run(
                     raise JobFailed(
                         f'the {processes} processes were still running after {deadline_s:.0f} '
                         's and were stopped: a process or a collective is waiting for the '
-                        'others (with more than one CPU device a process, gloo deadlocks '
-                        'now and then). Outputs:\n'
+                        'others (with more than one CPU device a process and steps in '
+                        'flight at once, CPU collectives deadlock now and then). Outputs:\n'
                         + '\n'.join(f'[{i}] {output(i)[-2000:]}' for i in range(processes))
                     )
                 time.sleep(0.1)
