@@ -86,7 +86,8 @@ def test_the_processes_die_with_a_launcher_killed_from_outside(tmp_path):
         import sys
         sys.path.insert(0, {str(ROOT)!r})
         from examples import launch
-        code = 'import os, time; print(os.getpid(), flush=True); time.sleep(120)'
+        # One write a line: the two processes share the pipe.
+        code = 'import os, time; os.write(1, b"%d\\\\n" % os.getpid()); time.sleep(120)'
         launch.run(lambda i: [sys.executable, '-c', code], 2, deadline_s=120, capture=False)
         """
     )
