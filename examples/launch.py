@@ -12,11 +12,12 @@ between processes run over gloo. Two things make that reliable here:
   reports a crash in that setting). A job that needs more devices starts more
   processes; ``examples/distributed.py`` also waits for each step on CPU devices.
 - **A hang is an error.** Every process runs with XLA's CPU collective timeout
-  (``COLLECTIVE_TIMEOUT_S``), so a collective that waits longer fails with gloo's
-  message; the launcher gives the whole job a deadline, kills every process once one
-  fails, and its processes die with it (``PR_SET_PDEATHSIG`` on Linux), also when it is
-  killed from outside. A process that calls :func:`fail_fast` exits as soon as it
-  fails, not after ``jax.distributed``'s shutdown has waited for the others.
+  (``COLLECTIVE_TIMEOUT_S``; jaxlib 0.10 has it, 0.7 not), so a collective that waits
+  longer fails with gloo's message; the launcher gives the whole job a deadline, kills
+  every process once one fails, and its processes die with it (``PR_SET_PDEATHSIG`` on
+  Linux), also when it is killed from outside. A process that calls :func:`fail_fast`
+  exits as soon as it fails, not after ``jax.distributed``'s shutdown has waited for the
+  others.
 
 Real hosts use NCCL (GPUs) or the TPU interconnect, not gloo: none of this applies there.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import os
 import signal
 import socket
@@ -58,20 +60,29 @@ def coordinator() -> str:
         return f'127.0.0.1:{s.getsockname()[1]}'
 
 
+@functools.cache
+def collective_timeout_supported() -> bool:
+    """Whether this Python's jaxlib knows XLA's CPU collective timeout flag (jaxlib 0.10
+    does; 0.7 aborts at start on an unknown flag). Asked once, of a child process."""
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+    env['XLA_FLAGS'] = f'--xla_cpu_collective_timeout_seconds={COLLECTIVE_TIMEOUT_S}'
+    probe = [sys.executable, '-c', 'import jax; jax.devices()']
+    return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
+
+
 def process_env(
     devices: int = 1,
     base: dict[str, str] | None = None,
     collective_timeout_s: int = COLLECTIVE_TIMEOUT_S,
 ) -> dict[str, str]:
     """The environment of one process: the CPU platform, ``devices`` simulated CPU
-    devices and the collective timeout added to ``XLA_FLAGS`` (any device count there
-    replaced)."""
+    devices and, where jaxlib knows it, the collective timeout added to ``XLA_FLAGS``
+    (any device count there replaced); elsewhere the launcher's deadline is all."""
     env = dict(os.environ if base is None else base)
     flags = [f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f]
-    flags += [
-        f'--xla_force_host_platform_device_count={devices}',
-        f'--xla_cpu_collective_timeout_seconds={collective_timeout_s}',
-    ]
+    flags.append(f'--xla_force_host_platform_device_count={devices}')
+    if collective_timeout_supported():
+        flags.append(f'--xla_cpu_collective_timeout_seconds={collective_timeout_s}')
     return {**env, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ' '.join(flags)}
 
 

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 
+import jax
 import pytest
 
 from examples import launch
@@ -51,10 +52,17 @@ def test_a_job_of_processes_returns_their_outputs():
 def test_each_process_gets_one_cpu_device_and_the_collective_timeout():
     env = launch.process_env(base={'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
     assert env['JAX_PLATFORMS'] == 'cpu'
+    timeout = [f'--xla_cpu_collective_timeout_seconds={launch.COLLECTIVE_TIMEOUT_S}']
     assert env['XLA_FLAGS'].split() == [
         '--xla_force_host_platform_device_count=1',
-        f'--xla_cpu_collective_timeout_seconds={launch.COLLECTIVE_TIMEOUT_S}',
+        *(timeout if launch.collective_timeout_supported() else []),
     ]
+
+
+def test_the_collective_timeout_is_known_to_jaxlib_0_10_not_0_7():
+    """An unknown XLA flag aborts every process at start: the launcher asks first."""
+    release = tuple(int(part) for part in jax.__version__.split('.')[:2])
+    assert launch.collective_timeout_supported() == (release >= (0, 10))
 
 
 def test_a_failed_process_stops_the_others(tmp_path):
@@ -99,6 +107,10 @@ def test_the_processes_die_with_a_launcher_killed_from_outside(tmp_path):
     assert not _wait_gone(pids)
 
 
+@pytest.mark.skipif(
+    not launch.collective_timeout_supported(),
+    reason="this jaxlib has no CPU collective timeout: the launcher's deadline is all",
+)
 def test_a_collective_that_waits_too_long_fails_with_the_cause():
     """Both processes sum once; then process 0 sums again while process 1 never joins:
     with the collective timeout that sum fails (gloo's error) instead of waiting forever,
