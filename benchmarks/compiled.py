@@ -111,6 +111,7 @@ class Target:
     batches: dict[str, int]  # per model; models missing here are not compiled for it
     # model: (the libtpu release that cannot compile it, why)
     skipped: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)
+    chips: int = 1  # more: a data-parallel step, the batch split over them (batches per chip)
 
 
 _TPU_BATCH = 128  # per chip
@@ -136,26 +137,42 @@ TARGETS = {
     ),
     'h100': Target('h100', 'cuda', '1x1x1', dict(_GPU_BATCHES)),
 }
+MULTI_CHIP = {
+    # The slices whose collectives `--targets` prices next to the gradient's (issue 40).
+    'v5e_2x2': dataclasses.replace(TARGETS['v5e'], name='v5e 2x2', topology='v5e:2x2', chips=4),
+    'v6e_2x2': dataclasses.replace(TARGETS['v6e'], name='v6e 2x2', topology='v6e:2x2', chips=4),
+    'h100_x8': dataclasses.replace(TARGETS['h100'], name='8 H100', topology='1x8x1', chips=8),
+}
+TARGETS.update(MULTI_CHIP)
 
 
 def sharding(target: Target) -> NamedSharding:
-    """A replicated sharding on one chip of ``target`` (no such chip needed)."""
+    """A replicated sharding on ``target``'s chips (none needed here): one chip, or the
+    chips of a slice."""
     from jax.experimental import topologies
 
     if target.platform == 'tpu':
+        bounds = {'chips_per_host_bounds': (1, 1, 1)} if target.chips == 1 else {}
         topology = topologies.get_topology_desc(
-            topology_name=target.topology, platform='tpu', chips_per_host_bounds=(1, 1, 1)
+            topology_name=target.topology, platform='tpu', **bounds
         )
     else:
         topology = topologies.get_topology_desc(
             platform='cuda', topology=target.topology, target_config=H100_SXM
         )
-    mesh = jax.sharding.Mesh(np.array(topology.devices[:1]), ('x',))
+    mesh = jax.sharding.Mesh(np.array(topology.devices[: target.chips]), ('x',))
     return NamedSharding(mesh, P())
 
 
-def abstract_step(model_name: str, batch: int, use_tract: bool, where: NamedSharding):
-    """``(step, args)``: a model's jitted training step and abstract arguments on ``where``."""
+def abstract_step(
+    model_name: str,
+    batch: int,
+    use_tract: bool,
+    where: NamedSharding,
+    batch_where: NamedSharding | None = None,
+):
+    """``(step, args)``: a model's jitted training step and abstract arguments on ``where``
+    (the images and labels on ``batch_where``, default ``where``)."""
     factory, side, *_ = overhead.MODELS[model_name]
     model = factory()
     variables = jax.eval_shape(
@@ -171,8 +188,8 @@ def abstract_step(model_name: str, batch: int, use_tract: bool, where: NamedShar
         placed(variables['params']),
         placed(variables.get('batch_stats', {})),
         placed(jax.eval_shape(tx.init, variables['params'])),
-        jax.ShapeDtypeStruct((batch, side, side, 3), jnp.float32, sharding=where),
-        jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=where),
+        jax.ShapeDtypeStruct((batch, side, side, 3), jnp.float32, sharding=batch_where or where),
+        jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_where or where),
     )
     return step, args
 
@@ -259,8 +276,10 @@ class Collective:
 
 
 def collectives(hlo: str) -> list[Collective]:
-    """Every collective of an optimized module, an asynchronous one once (its start;
-    of a start's tuple result, the largest array: what it delivers)."""
+    """Every collective of an optimized module, an asynchronous one once (its start).
+    Its bytes are those of the arrays it delivers: every array of its result, or of an
+    asynchronous start's ``(operands, results)`` the results (XLA:TPU combines a step's
+    all-reduces into one whose result holds every array it sums)."""
     found = []
     for line in hlo.splitlines():
         match = _INSTRUCTION.match(line)
@@ -271,9 +290,11 @@ def collectives(hlo: str) -> list[Collective]:
         if kind not in COLLECTIVES:
             continue
         sizes = [shape_bytes(f'{dtype}[{dims}]') for dtype, dims in _SHAPE.findall(result)]
+        if opcode.endswith('-start') and kind != 'all-reduce' and len(sizes) > 1:
+            sizes = sizes[len(sizes) // 2 :]
         op_name = _OP_NAME.search(line)
         tract = any(scope in (op_name.group(1) if op_name else '') for scope in SCOPES)
-        found.append(Collective(kind, max(sizes, default=0), tract))
+        found.append(Collective(kind, sum(sizes), tract))
     return found
 
 
@@ -330,6 +351,16 @@ def tpu_report(compiled: Any) -> dict[str, Any]:
         **control_flow(found),
         'tract_cycles': sum(i.cycles for i in tract),
         'tract_ops': [dataclasses.asdict(i) for i in tract],
+        **collectives_report(hlo),
+    }
+
+
+def collectives_report(hlo: str) -> dict[str, Any]:
+    """TrAct's collectives and the rest of the step's, ``kind: [count, bytes]``."""
+    found = collectives(hlo)
+    return {
+        'collectives': collective_bytes(found, tract=False),
+        'tract_collectives': collective_bytes(found, tract=True),
     }
 
 
@@ -352,7 +383,8 @@ def gpu_report(lowered: Any) -> dict[str, Any]:
         compiled = lowered.compile(compiler_options=options)
         (metadata,) = pathlib.Path(dump).glob('*.thunk_metadata.txt')
         launched = thunks(metadata.read_text())
-    found = instructions(compiled.as_text())
+    hlo = compiled.as_text()
+    found = instructions(hlo)
     flow = control_flow(found)
     op_names = {i.name: i.op_name for i in found}
     kinds = collections.Counter(kind for kind, _ in launched)
@@ -368,6 +400,7 @@ def gpu_report(lowered: Any) -> dict[str, Any]:
         'conditional': max(kinds['kConditional'], flow['conditional']),
         'temp_bytes': int(compiled.memory_analysis().temp_size_in_bytes),
         'tract_thunks': tract,
+        **collectives_report(hlo),
     }
 
 
@@ -411,12 +444,16 @@ def statistic_work(model: str, batch: int, plan: choice.Plan) -> dict[str, Any]:
 
 
 def compile_model(target: Target, model: str, where: NamedSharding) -> dict[str, Any]:
-    """Both steps of ``model`` compiled for ``target``, with the compiler's report of each."""
+    """Both steps of ``model`` compiled for ``target`` on ``where``'s chips, with the
+    compiler's report of each (on several chips, the data-parallel step: parameters
+    replicated, ``chips`` times the batch split over them)."""
     batch = target.batches[model]
-    result = {'model': model, 'target': target.name, 'batch': batch}
+    result = {'model': model, 'target': target.name, 'batch': batch * target.chips}
+    result['chips'] = target.chips
     result['statistic'] = statistic_work(model, batch, choice.plan_of(target.platform))
+    split = NamedSharding(where.mesh, P('x'))
     for kind, use_tract in (('plain', False), ('tract', True)):
-        step, args = abstract_step(model, batch, use_tract, where)
+        step, args = abstract_step(model, batch * target.chips, use_tract, where, split)
         lowered = step.trace(*args).lower()
         if target.platform == 'tpu':
             result[kind] = tpu_report(lowered.compile())
@@ -434,6 +471,23 @@ def at_floor_cell(tract: dict[str, Any], plain_cycles: float) -> str:
     cost model's floor."""
     share = 100 * tract['tract_at_floor_cycles'] / plain_cycles
     return f'{tract["tract_at_floor"]} × {tract["loop_floor"]:,} = {share:.2f}%'
+
+
+def step_collectives(report: dict[str, Any]) -> dict[str, list[int]]:
+    """``kind: [count, bytes]`` of every collective of a step, TrAct's and the rest."""
+    out = {kind: list(v) for kind, v in report['collectives'].items()}
+    for kind, (n, b) in report['tract_collectives'].items():
+        count = out.setdefault(kind, [0, 0])
+        count[0] += n
+        count[1] += b
+    return out
+
+
+def collectives_cell(found: dict[str, list[int]]) -> str:
+    """``kind count × bytes`` for each kind of collective, or a dash."""
+    return (
+        ', '.join(f'{kind} {n} × {b / n / 2**20:.2f} MiB' for kind, (n, b) in found.items()) or '–'
+    )
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
@@ -476,6 +530,22 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
                 f'| {pct(t["temp_bytes"], p["temp_bytes"]):+.2f}% '
                 f'| {w["method"]} | {w["multiply_adds"] / w["least_multiply_adds"]:.2f} '
                 f'| {w["bytes"] / w["least_bytes"]:.2f} |'
+            )
+    sliced = [r for r in rows if r.get('chips', 1) > 1]
+    if sliced:
+        out += [
+            '',
+            "| slice | model | global batch | the plain step's collectives | the TrAct step's "
+            "| added bytes | under TrAct's scopes |",
+            '|---|---|---|---|---|---|---|',
+        ]
+        for r in sliced:
+            plain, tract = (step_collectives(r[kind]) for kind in ('plain', 'tract'))
+            plain_bytes, tract_bytes = (sum(b for _, b in c.values()) for c in (plain, tract))
+            out.append(
+                f'| {r["target"]} | {r["model"]} | {r["batch"]} | {collectives_cell(plain)} '
+                f'| {collectives_cell(tract)} | {pct(tract_bytes, plain_bytes):+.2f}% '
+                f'| {collectives_cell(r["tract"]["tract_collectives"])} |'
             )
     for r in tpu:
         ops = r['tract']['tract_ops']
@@ -522,7 +592,13 @@ def versions() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--targets', nargs='+', default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument(
+        '--targets',
+        nargs='+',
+        default=[name for name, target in TARGETS.items() if target.chips == 1],
+        choices=list(TARGETS),
+        help=f'one chip (default) or a data-parallel slice: {", ".join(MULTI_CHIP)}',
+    )
     parser.add_argument('--models', nargs='+', default=MODELS, choices=list(overhead.MODELS))
     parser.add_argument('--out', type=pathlib.Path, default=RESULTS)
     parser.add_argument(

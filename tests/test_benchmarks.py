@@ -135,26 +135,29 @@ COLLECTIVE_HLO = '\n'.join(
         '  %g = f32[64,10]{1,0} all-reduce-start(%h), to_apply=%add, '
         'metadata={op_name="jit(step)/transpose(jvp(head))/dot_general"}',
         '  %cp = bf16[4,8]{1,0} collective-permute(%y), source_target_pairs={{0,1}}',
+        '  %c = (f32[10]{0}, f32[48,48]{1,0}) all-reduce(%p, %q), to_apply=%add',
         '}',
     ]
 )
 
 
 def test_compiled_reads_collectives_their_bytes_and_who_sent_them():
-    """A gather counts what it delivers (the larger array of a start's tuple), once."""
+    """A collective counts what it delivers, once: a gather's start its result, a combined
+    all-reduce every array it sums."""
     found = compiled.collectives(COLLECTIVE_HLO)
     assert [(c.kind, c.bytes, c.tract) for c in found] == [
         ('all-gather', 16 * 27 * 4, True),
         ('all-reduce', 27 * 27 * 4, True),
         ('all-reduce', 64 * 10 * 4, False),
         ('collective-permute', 4 * 8 * 2, False),
+        ('all-reduce', (10 + 48 * 48) * 4, False),  # XLA:TPU's combined all-reduce
     ]
     assert compiled.collective_bytes(found, tract=True) == {
         'all-gather': [1, 16 * 27 * 4],
         'all-reduce': [1, 27 * 27 * 4],
     }
     assert compiled.collective_bytes(found, tract=False) == {
-        'all-reduce': [1, 64 * 10 * 4],
+        'all-reduce': [2, (64 * 10 + 10 + 48 * 48) * 4],
         'collective-permute': [1, 64],
     }
 

@@ -148,3 +148,41 @@ def test_the_kernel_splits_a_sharded_batch_across_h100s(compiled):
     kernels = [line for line in hlo.splitlines() if 'custom-call' in line and 'triton' in line]
     assert len(kernels) == 1 and 'f32[15,32,32,32]' in kernels[0]  # 15 blocks x 32 images
     assert 'all-gather' not in hlo and 'all-reduce' in hlo
+
+
+def test_a_data_parallel_tpu_step_sums_tracts_statistic_where_the_images_lie(compiled):
+    """TPU v5e 2x2, the batch split over its 4 chips (issue 40): TrAct adds no collective
+    of a new kind to a small ViT's step (its Gram joins the gradient's all-reduce) and at
+    most 1% of the step's collective bytes, and gathers nothing. Then the statistic alone
+    of the stems whose images or patches the partitioner gathered before (ResNet-50's
+    under the CPU plan, ViT-B/16's images-minor patches under the TPU's)."""
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from tract_jax._src import choice, statistics
+
+    jax = compiled.jax
+    target = compiled.dataclasses.replace(
+        compiled.MULTI_CHIP['v5e_2x2'], batches={'vit_tiny4_cifar': 32}
+    )
+    where = compiled.sharding(target)
+    split = NamedSharding(where.mesh, PartitionSpec('x'))
+    step, args = compiled.abstract_step('vit_tiny4_cifar', 128, True, where, split)
+    report = compiled.collectives_report(step.trace(*args).lower().compile().as_text())
+    sent = compiled.step_collectives(report)
+    # The plain step's collectives are its gradient's all-reduce (and the loss's).
+    gradient = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(args[0]))
+    assert set(sent) == {'all-reduce'}, sent
+    assert gradient < sent['all-reduce'][1] <= 1.01 * gradient, (sent, gradient)
+
+    for stem, plan in (('resnet50_imagenet', choice.CPU), ('vit_b16_imagenet', choice.TPU)):
+        images = jax.ShapeDtypeStruct((128, 224, 224, 3), np.float32, sharding=split)
+        geometry = compiled.STEMS[stem]
+        statistic = jax.jit(
+            lambda x, g=geometry, p=plan: statistics.geometry_statistic(x, g, plan=p).gram,
+            out_shardings=where,
+        )
+        found = compiled.collectives(statistic.trace(images).lower().compile().as_text())
+        sent = compiled.collective_bytes(found, tract=True)
+        n = np.prod(geometry.kernel_size) * 3
+        assert set(sent) == {'all-reduce'} and sent['all-reduce'][1] <= 16 * n * n, (stem, sent)
