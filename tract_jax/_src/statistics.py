@@ -319,10 +319,11 @@ def _gram(how: _Sum, geometry: ConvGeometry, images: jax.Array) -> jax.Array:
 
     Chunk ``j`` of ``k`` holds images ``j, j + k, j + 2k, ...``: strided through the
     batch, not consecutive. When ``jit`` splits the batch over devices, each device
-    then holds its share of every chunk and sums its own images (as ``k`` divides the
-    images a device holds: ``_chunk`` takes as few chunks as divide the batch); a
-    chunk of consecutive images lay on a few devices, and XLA's partitioner moved it
-    (a video stem's chunks: 16 MB of collective-permutes on 8 devices)."""
+    then holds its share of every chunk and sums its own images (where ``k`` divides
+    each device's share, as ``_chunk`` picks it); a chunk of consecutive images lay on
+    a few devices, and XLA's partitioner moved it (a video stem's chunks: 16 MB of
+    collective-permutes on 8 devices). Zero images (padding to whole chunks) unfold to
+    zero rows and add nothing."""
 
     def gram_of(images: jax.Array) -> jax.Array:
         window = unfold.Window.of(geometry)
