@@ -25,11 +25,9 @@ Real hosts use NCCL (GPUs) or the TPU interconnect, not gloo: none of this appli
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -100,10 +98,18 @@ def fail_fast() -> None:
     sys.excepthook = hook
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child, before exec
-    """Asks Linux to kill this process when the process that started it ends."""
-    if sys.platform.startswith('linux'):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+# Each process starts as this few lines of Python, which ask Linux to kill the process
+# when the launcher ends (PR_SET_PDEATHSIG, kept across exec), then exec its command. Not
+# subprocess's preexec_fn: that forks the launcher, and a fork of a process running
+# JAX's threads can deadlock in the child (JAX warns of it).
+_DIE_WITH_LAUNCHER = """
+import ctypes, os, signal, sys
+if sys.platform.startswith('linux'):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    if os.getppid() != int(sys.argv[1]):  # the launcher ended before the call
+        sys.exit(1)
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
 
 
 def _cause(output: str) -> str:
@@ -153,14 +159,14 @@ def run(
             stack.enter_context(tempfile.TemporaryFile('w+')) if capture else None
             for _ in range(processes)
         ]
+        launcher = [sys.executable, '-c', _DIE_WITH_LAUNCHER, str(os.getpid())]
         children = [
             subprocess.Popen(
-                list(command(i)),
+                [*launcher, *command(i)],
                 stdout=log,
                 stderr=subprocess.STDOUT if capture else None,
                 env=env,
                 cwd=cwd,
-                preexec_fn=_die_with_parent,
             )
             for i, log in enumerate(logs)
         ]
