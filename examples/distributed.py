@@ -20,7 +20,7 @@ on localhost (``examples/launch.py``), each process with one CPU device and gloo
 collectives, joined by ``jax.distributed.initialize(coordinator, N, process_id)``;
 every process prints its losses, which agree. A CPU demo (real hosts use NCCL or the
 TPU interconnect): XLA:CPU's collectives between several CPU devices of a process
-deadlock now and then when two steps are in flight, so on CPU devices each step is
+deadlock now and then when steps are queued, so on CPU devices each step is
 waited for, the launcher gives each process one device, makes a collective that waits
 over a minute an error, and stops the job at ``--deadline``.
 """
@@ -122,8 +122,8 @@ def main(argv=None):
     step = steps.make_train_step(model, tx, use_tract=True)
 
     # XLA:CPU's collectives between a process's CPU devices deadlock now and then when
-    # two steps are in flight at once (async dispatch): wait for each step there. GPUs and
-    # TPUs keep their steps queued.
+    # steps are queued without waiting for their results: wait for each step there. GPUs
+    # and TPUs keep their steps queued.
     one_at_a_time = jax.devices()[0].platform == 'cpu' and jax.local_device_count() > 1
     rng = np.random.default_rng(0)  # the same global batches in every process
     for i in range(args.steps):

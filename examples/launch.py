@@ -5,11 +5,12 @@ the coordinator's address and its id on its command line, and the CPU collective
 between processes run over gloo. Two things make that reliable here:
 
 - **One CPU device per process** (``devices=1``). With two or more simulated devices
-  in a process, XLA:CPU's collectives deadlock now and then when two executions of a
-  step are in flight at once (async dispatch): a two-process job of jitted sums over a
-  sharded batch hung in 4 of 4 runs with 2 devices a process and finished in 3 of 3
-  with one, or with 2 devices and each sum waited for (jax 0.10.2; openxla/xla#16430
-  reports a crash in that setting). A job that needs more devices starts more
+  in a process, XLA:CPU's collectives deadlock now and then when steps are queued
+  without waiting for their results: a two-process job of jitted sums over a sharded
+  batch hung in 4 of 4 runs with 2 devices a process (3 of 3 with async dispatch off)
+  and finished in 3 of 3 with one, or with 2 devices and each sum's value read (jax
+  0.10.2; the cause inside XLA is not known here; openxla/xla#16430 reports a crash in
+  that setting). A job that needs more devices starts more
   processes; ``examples/distributed.py`` also waits for each step on CPU devices.
 - **A hang is an error.** Every process runs with XLA's CPU collective timeout
   (``COLLECTIVE_TIMEOUT_S``; jaxlib 0.10 has it, 0.7 not), so a collective that waits
@@ -118,7 +119,7 @@ def _cause(output: str) -> str:
         return (
             ' A CPU collective (gloo) failed: one that waits longer than the collective '
             'timeout for the other processes fails; with more than one CPU device a '
-            'process and steps in flight at once, they deadlock now and then.'
+            'process and steps queued, they deadlock now and then.'
         )
     return ''
 
@@ -194,8 +195,8 @@ def run(
                     raise JobFailed(
                         f'the {processes} processes were still running after {deadline_s:.0f} '
                         's and were stopped: a process or a collective is waiting for the '
-                        'others (with more than one CPU device a process and steps in '
-                        'flight at once, CPU collectives deadlock now and then). Outputs:\n'
+                        'others (with more than one CPU device a process and steps '
+                        'queued, CPU collectives deadlock now and then). Outputs:\n'
                         + '\n'.join(f'[{i}] {output(i)[-2000:]}' for i in range(processes))
                     )
                 time.sleep(0.1)
