@@ -115,7 +115,7 @@ os.execvp(sys.argv[2], sys.argv[2:])
 
 def _cause(output: str) -> str:
     """What a failed process's output says went wrong, where it is a known cause."""
-    if 'Gloo' in output or 'gloo' in output:
+    if 'gloo' in output.lower():
         return (
             ' A CPU collective (gloo) failed: one that waits longer than the collective '
             'timeout for the other processes fails; with more than one CPU device a '

@@ -178,8 +178,9 @@ def geometry_statistic(
         if images.shape[0] * cost.rows < cost.fan_in:  # few rows: keep them
             return statistic.from_rows(unfold.conv_rows(images, geometry))
 
+        split = math.gcd(images.shape[0], _mesh_size(images))  # the images', not a plan's
+
         def decide(plan: choice.Plan) -> _Sum:
-            split = math.gcd(images.shape[0], _mesh_size(images))
             return _sum_for(plan, cost, images.shape[0], method, max_chunk_bytes, split)
 
         def run(how: _Sum, images: jax.Array) -> Statistic:
